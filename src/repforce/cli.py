@@ -1,0 +1,126 @@
+"""The `repforce` command line.
+
+    repforce world preview --n 16 --out runs/preview
+    repforce world truth --out runs/truth
+    repforce eval shapes --images runs/truth
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line, no traceback."""
+
+
+def cmd_world_preview(args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from . import world
+
+    if args.n < 1:
+        raise UserError("--n must be at least 1")
+    scenes = world.scenes(args.split, args.start, args.n, args.canvas)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cols = min(4, args.n)
+    rows = (args.n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, scene in zip(axes.flat, scenes):
+        ax.imshow(world.render(scene), interpolation="nearest")
+        ax.set_title("\n".join(textwrap.wrap(world.caption(scene), 30)), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "preview.png", dpi=110)
+    plt.close(fig)
+    records = [dict(scene.to_json(), caption=world.caption(scene),
+                    qa=[{"q": q, "a": a} for q, a in world.questions(scene)]) for scene in scenes]
+    (out / "scenes.json").write_text(json.dumps(records, indent=1))
+    print(f"wrote {out / 'preview.png'} and {out / 'scenes.json'} ({args.n} {args.split} scenes, {args.canvas}px)")
+
+
+def cmd_world_truth(args) -> None:
+    from . import shapeseval
+
+    shapeseval.write_truth(Path(args.out), args.n, args.canvas)
+    print(f"wrote ground-truth renders of {len(shapeseval.prompts())} prompts x {args.n} to {args.out}")
+
+
+def cmd_eval_shapes(args) -> None:
+    from . import shapeseval
+
+    try:
+        report = shapeseval.evaluate(Path(args.images), args.n, args.canvas)
+    except shapeseval.EvalError as e:
+        raise UserError(str(e)) from None
+    out = Path(args.out) if args.out else Path(args.images) / "results.json"
+    out.write_text(json.dumps(report.to_json(), indent=1))
+    for kind, paths in report.problems.items():
+        shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+        print(f"warning: {len(paths)} {kind.replace('_', ' ')}: {shown}", file=sys.stderr)
+    print(f"ShapesEval ({shapeseval.PROMPTS_VERSION}, {report.expected} images)")
+    for cat, score in report.scores.items():
+        print(f"  {cat:<14} {score:.4f}")
+    if report.complete:
+        print(f"complete; per-image verdicts in {out}")
+    else:
+        bad = sum(len(v) for k, v in report.problems.items() if k != "extra")
+        print(f"INCOMPLETE: {bad} of {report.expected} images could not be judged and count as failures; "
+              f"details in {out}")
+        if args.strict:
+            raise UserError("incomplete image folder (--strict)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="repforce", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    w = sub.add_parser("world", help="the shapes world").add_subparsers(dest="what", required=True)
+    pv = w.add_parser("preview", help="a PNG grid of scenes with captions, and their JSON")
+    pv.add_argument("--n", type=int, default=16)
+    pv.add_argument("--out", required=True)
+    pv.add_argument("--canvas", type=int, default=32, choices=(32, 64))
+    pv.add_argument("--split", default="train", choices=("train", "heldout"))
+    pv.add_argument("--start", type=int, default=0, help="index of the first scene in the stream")
+    pv.set_defaults(func=cmd_world_preview)
+    tr = w.add_parser("truth", help="ground-truth renders of the ShapesEval prompts, in the eval layout")
+    tr.add_argument("--out", required=True)
+    tr.add_argument("--n", type=int, default=4, help="images per prompt")
+    tr.add_argument("--canvas", type=int, default=32, choices=(32, 64))
+    tr.set_defaults(func=cmd_world_truth)
+
+    e = sub.add_parser("eval", help="evaluations").add_subparsers(dest="what", required=True)
+    es = e.add_parser("shapes", help="score a folder of generated images with ShapesEval")
+    es.add_argument("--images", required=True)
+    es.add_argument("--n", type=int, default=4, help="images per prompt expected")
+    es.add_argument("--canvas", type=int, default=32)
+    es.add_argument("--out", help="results JSON (default: IMAGES/results.json)")
+    es.add_argument("--strict", action="store_true", help="exit non-zero when any image is missing or unusable")
+    es.set_defaults(func=cmd_eval_shapes)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"repforce: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("repforce: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
