@@ -3,6 +3,9 @@
     repforce world preview --n 16 --out runs/preview
     repforce world truth --out runs/truth
     repforce eval shapes --images runs/truth
+    repforce train-vae --out runs/vae
+    repforce train --preset shapes --variant vlm --out runs/vlm
+    repforce train --preset shapes --variant pixel_rf --init runs/vlm --out runs/pixel_rf
 """
 
 from __future__ import annotations
@@ -80,6 +83,43 @@ def cmd_eval_shapes(args) -> None:
             raise UserError("incomplete image folder (--strict)")
 
 
+def cmd_train(args) -> None:
+    from . import config as C
+    from . import train as T
+
+    try:
+        if args.resume:
+            cfg = T.load_run_config(Path(args.out))
+        else:
+            cfg = C.preset(args.preset, args.variant)
+        sets = list(args.set)
+        for flag, key in (("steps", "train.steps"), ("batch_size", "train.batch_size"), ("seed", "train.seed"),
+                          ("init", "train.init"), ("vae", "train.vae"), ("threads", "train.threads")):
+            if getattr(args, flag) is not None:
+                sets.append(f"{key}={getattr(args, flag)}")
+        cfg = C.validate(C.override(cfg, sets))
+        if cfg.train.init and not Path(cfg.train.init).exists():
+            raise UserError(f"--init: no such run folder: {cfg.train.init}")
+        summary = T.train(cfg, Path(args.out), resume=args.resume, progress=not args.quiet, minutes=args.minutes)
+    except (C.ConfigError, T.RunError, FileNotFoundError) as e:
+        raise UserError(str(e)) from None
+    last = summary["last"]
+    terms = " ".join(f"{k}={v:.4f}" for k, v in last.items() if k.startswith("loss"))
+    print(f"trained {cfg.model.variant} to step {summary['step']} in {summary['wall_s']:.0f}s "
+          f"({summary['tokens_per_s']:.0f} tokens/s): {terms}; run folder {args.out}")
+
+
+def cmd_train_vae(args) -> None:
+    from .vae import train_vae
+
+    if args.steps < 1:
+        raise UserError(f"--steps={args.steps}: must be >= 1")
+    meta = train_vae(args.out, steps=args.steps, batch_size=args.batch_size, canvas=args.canvas, seed=args.seed,
+                     progress=not args.quiet)
+    print(f"VAE trained in {meta['wall_s']:.0f}s: held-out PSNR {meta['psnr_db']:.1f} dB, "
+          f"latent scale {meta['scaling_factor']:.3f}; saved to {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="repforce", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -106,6 +146,32 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--out", help="results JSON (default: IMAGES/results.json)")
     es.add_argument("--strict", action="store_true", help="exit non-zero when any image is missing or unusable")
     es.set_defaults(func=cmd_eval_shapes)
+
+    t = sub.add_parser("train", help="train a model (any variant)")
+    t.add_argument("--preset", default="shapes", help="tiny | shapes")
+    t.add_argument("--variant", default="pixel_rf", help="vlm | pixel | pixel_rf | vae | vae_rf | pixel_repa | pixel_cont")
+    t.add_argument("--out", required=True, help="run folder")
+    t.add_argument("--steps", type=int)
+    t.add_argument("--batch-size", dest="batch_size", type=int)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--init", help="start from this run's EMA weights (e.g. runs/vlm)")
+    t.add_argument("--vae", help="vae variants: folder of `repforce train-vae`")
+    t.add_argument("--threads", type=int)
+    t.add_argument("--minutes", type=float, help="stop (and checkpoint) after this much wall time")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    t.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override a config field, e.g. --set model.dim=128 (repeatable)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    v = sub.add_parser("train-vae", help="train the frozen VAE of the vae variants")
+    v.add_argument("--out", required=True)
+    v.add_argument("--steps", type=int, default=2000)
+    v.add_argument("--batch-size", dest="batch_size", type=int, default=32)
+    v.add_argument("--canvas", type=int, default=32)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--quiet", action="store_true")
+    v.set_defaults(func=cmd_train_vae)
     return p
 
 

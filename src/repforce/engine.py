@@ -1,0 +1,363 @@
+"""Inference: KV-cached generation (prompt -> rep tokens -> pixels) and image understanding.
+
+    model = repforce.load("runs/pixel_rf")               # EMA weights by default
+    images = model.generate(["two red circles"], n=4)   # PIL images
+    model.answer([img], ["what color is the circle?"])
+
+Generation follows DESIGN.md "Sampling":
+1. the prompts are left-padded, so every row's prefix ends in the same column, and
+   prefilled into a KVCache, together with their text-dropped twins (empty prompt);
+2. the M rep tokens are sampled one cached step at a time, logits guided against the
+   text-dropped branch (weight `rep_cfg`), with temperature and top-k; the same token
+   is fed to both branches;
+3. the conditional prefix [prompt][BOI][reps] and the unconditional one
+   [empty][BOI][null reps] (text and rep dropped together) are prefilled once, and the
+   ODE runs over the N gen tokens only, attending to that frozen prefix: each step is
+   one pass over N tokens per row, conditional and unconditional rows batched together.
+Variants without rep tokens skip step 2; `pixel_cont` samples each continuous rep
+feature with its small flow head instead; the `vae` variants decode latents with the
+frozen VAE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from . import checkpoint, flow
+from .config import Config
+from .rf import ENC, GEN, PAD, REP, TEXT, RFModel
+from .sequence import Layout, gen_prefix, und_prefix
+from .tokenizer import load_tokenizer
+
+
+class InferenceError(Exception):
+    """Bad input to generation or understanding: one line, no traceback."""
+
+
+@dataclass
+class GenOptions:
+    steps: int = 25  # ODE steps
+    solver: str = "euler"  # "euler" or "heun"
+    shift: float | None = None  # timestep shift s; None = 32 / image side (1.0 on the 32 px world)
+    cfg: float = 3.0  # pixel guidance weight (text and rep dropped together in the other branch)
+    interval: tuple[float, float] = (0.0, 1.0)  # guidance only for t in [lo, hi]
+    rep_cfg: float = 2.0  # rep-token guidance weight against the text-dropped branch
+    rep_temperature: float = 1.0  # rep-token sampling temperature (0 = greedy)
+    rep_top_k: int = 0  # keep the k most likely rep ids (0 = all)
+    use_cache: bool = True  # False recomputes the whole sequence at every step (for benchmarks and tests)
+
+
+def _left_pad(rows: list[list[int]], kinds: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-pad token rows so they end in the same column; positions count from each row's first token."""
+    n = max(len(r) for r in rows)
+    B = len(rows)
+    tokens = torch.zeros(B, n, dtype=torch.long)
+    kind = torch.zeros(B, n, dtype=torch.long)
+    pos = torch.zeros(B, n, dtype=torch.long)
+    for b, (r, k) in enumerate(zip(rows, kinds)):
+        p = n - len(r)
+        tokens[b, p:] = torch.tensor(r)
+        kind[b, p:] = torch.tensor(k)
+        pos[b, p:] = torch.arange(len(r))
+    return tokens, kind, pos
+
+
+class Engine:
+    """A model, its tokenizer and (vae variants) its VAE, ready to sample."""
+
+    def __init__(self, model: RFModel, tok, vae=None, device: str = "cpu", precision: str = "auto"):
+        self.model, self.tok, self.vae = model.eval(), tok, vae
+        self.cfg = model.cfg
+        self.device = torch.device(device)
+        self.precision = precision
+        c = self.cfg
+        self.layout = Layout(c.n_enc, c.n_rep if c.rep_slots else 0, c.n_gen)
+        self.max_len = 512
+
+    def _autocast(self):
+        from .train import autocast
+
+        return autocast(self.precision, self.device)
+
+    # ------------------------------------------------------------------ generation
+
+    def _check_prompts(self, prompts: list[str]) -> None:
+        if isinstance(prompts, str):
+            raise InferenceError("prompts must be a list of strings")
+        if not prompts:
+            raise InferenceError("no prompts given")
+        for p in prompts:
+            if not p or not p.strip():
+                raise InferenceError("empty prompt")
+            n = len(gen_prefix(self.tok, p)) + self.layout.n_rep + self.layout.n_gen + 1
+            if n > self.max_len:
+                raise InferenceError(f"prompt too long: {n} positions with the image, context is {self.max_len}: {p[:40]!r}")
+
+    def _prefill(self, h: torch.Tensor, kind: torch.Tensor, pos: torch.Tensor, extra: int):
+        """A fresh cache holding the prefix; returns (cache, hidden of the prefix)."""
+        cache = self.model.new_kv_cache(h.shape[0], h.shape[1] + extra, self.device)
+        hidden = self.model.forward_hidden(h, kind, pos, kv_cache=cache)
+        return cache, hidden
+
+    def _sample_ids(self, logits: torch.Tensor, o: GenOptions, gen: torch.Generator) -> torch.Tensor:
+        logits = logits.float()
+        if o.rep_temperature <= 0:
+            return logits.argmax(-1)
+        logits = logits / o.rep_temperature
+        if o.rep_top_k:
+            kth = logits.topk(min(o.rep_top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
+
+    def sample_reps(self, prompts: list[str], o: GenOptions, gen: torch.Generator, progress: bool = False):
+        """Rep values of each row: ids (B, M) or continuous features (B, M, De)."""
+        m, tok, c = self.model, self.tok, self.cfg
+        B, M = len(prompts), c.n_rep
+        rows = [gen_prefix(tok, p) for p in prompts] + [gen_prefix(tok, "")] * B  # cond rows, then text-dropped
+        tokens, kind, pos = _left_pad(rows, [[TEXT] * len(r) for r in rows])
+        tokens, kind, pos = tokens.to(self.device), kind.to(self.device), pos.to(self.device)
+        next_pos = pos[:, -1:] + 1  # (2B, 1)
+        values = []
+        if o.use_cache:
+            cache, hidden = self._prefill(m.embed_text(tokens), kind, pos, M)
+            last = hidden[:, -1]  # (2B, D)
+        for i in tqdm(range(M), disable=not progress, desc="rep tokens", leave=False):
+            if not o.use_cache and i > 0:  # recompute everything: the uncached reference
+                h = torch.cat([m.embed_text(tokens), m.embed_rep(torch.stack(values, 1).repeat(2, 1, *([1] * (values[0].dim() - 1))))], 1)
+                k = torch.cat([kind, torch.full((2 * B, i), REP, device=self.device)], 1)
+                p = torch.cat([pos, next_pos + torch.arange(i, device=self.device)], 1)
+                last = m.forward_hidden(h, k, p)[:, -1]
+            elif not o.use_cache:
+                last = m.forward_hidden(m.embed_text(tokens), kind, pos)[:, -1]
+            if c.rep_ids:
+                lc, lu = m.rep_logits(last).float().chunk(2)
+                v = self._sample_ids(flow.cfg(lu, lc, o.rep_cfg), o, gen)  # (B,)
+                step_in = v.repeat(2)[:, None]  # (2B, 1)
+            else:  # pixel_cont: a small ODE per token over the flow head
+                y0 = torch.randn(B, c.enc_dim, generator=gen, device=self.device)
+
+                def v_fn(z, t):
+                    zz, tt = z.repeat(2, 1), t.repeat(2)
+                    x = m.cont_pred(zz.float(), tt.float(), last.float())
+                    vc, vu = flow.x_to_v(x, zz, tt, c.t_eps).chunk(2)
+                    return vc, vu
+
+                v = flow.euler(v_fn, y0, steps=o.steps, w=o.rep_cfg)  # (B, De)
+                step_in = v.repeat(2, 1)[:, None]  # (2B, 1, De)
+            values.append(v)
+            if o.use_cache and i < M - 1:
+                h = m.embed_rep(step_in, start=i)
+                kk = torch.full((2 * B, 1), REP, device=self.device)
+                last = m.forward_hidden(h, kk, next_pos + i, kv_cache=cache)[:, -1]
+        return torch.stack(values, 1)
+
+    def _gen_prefix_batch(self, prompts: list[str], reps: torch.Tensor | None):
+        """Embeddings, kinds and positions of [cond rows; uncond rows] up to the gen block."""
+        m, tok = self.model, self.tok
+        B = len(prompts)
+        rows = [gen_prefix(tok, p) for p in prompts] + [gen_prefix(tok, "")] * B
+        M = self.layout.n_rep
+        kinds = [[TEXT] * len(r) + [REP] * M for r in rows]
+        rows = [r + [0] * M for r in rows]
+        tokens, kind, pos = _left_pad(rows, kinds)
+        tokens, kind, pos = tokens.to(self.device), kind.to(self.device), pos.to(self.device)
+        h = m.embed_text(tokens)
+        if M:
+            drop = torch.arange(2 * B, device=self.device) >= B  # the unconditional rows drop the reps too
+            vals = torch.cat([reps, torch.zeros_like(reps)], 0)
+            h[:, -M:] = m.embed_rep(vals, drop=drop).to(h.dtype)
+        return h, kind, pos
+
+    def sample_pixels(self, prompts: list[str], reps, o: GenOptions, gen: torch.Generator, progress: bool = False):
+        """The gen tensor (B, C, Hg, Wg) by the ODE over the gen block against the frozen prefix."""
+        m, c = self.model, self.cfg
+        B, N = len(prompts), c.n_gen
+        h, kind, pos = self._gen_prefix_batch(prompts, reps)
+        gkind = torch.full((2 * B, N), GEN, device=self.device)
+        gpos = pos[:, -1:] + 1 + torch.arange(N, device=self.device)  # (2B, N)
+        if o.use_cache:
+            cache, _ = self._prefill(h, kind, pos, N)
+        bar = tqdm(total=o.steps * (2 if o.solver == "heun" else 1), disable=not progress, desc="pixels", leave=False)
+
+        def v_fn(z, t):
+            zz, tt = torch.cat([z, z]), torch.cat([t, t])
+            hg = m.embed_gen(zz, tt)
+            if o.use_cache:
+                hid = m.forward_hidden(hg, gkind, gpos, kv_cache=cache, commit=False)
+            else:
+                hid = m.forward_hidden(torch.cat([h, hg], 1), torch.cat([kind, gkind], 1), torch.cat([pos, gpos], 1))[:, -N:]
+            x = m.gen_pred(hid).float()
+            bar.update(1)
+            vc, vu = flow.x_to_v(x, zz.float(), tt.float(), c.t_eps).chunk(2)
+            return vc, vu
+
+        z0 = torch.randn(B, c.gen_channels, c.gen_size, c.gen_size, generator=gen, device=self.device)
+        shift = o.shift if o.shift is not None else 32 / c.image_size
+        solve = {"euler": flow.euler, "heun": flow.heun}[o.solver]
+        out = solve(v_fn, z0, steps=o.steps, shift=shift, w=o.cfg, interval=o.interval)
+        bar.close()
+        return out
+
+    @torch.no_grad()
+    def generate_arrays(self, prompts: list[str], n: int = 1, seed: int = 0, options: GenOptions | None = None,
+                        batch_size: int = 64, progress: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 images (P * n, H, W, 3), prompt-major, and the rep values that guided them."""
+        if not self.cfg.has_gen:
+            raise InferenceError("this model is a vlm: it does not generate images")
+        self._check_prompts(prompts)
+        o = options or GenOptions()
+        if o.solver not in ("euler", "heun"):
+            raise InferenceError(f"solver must be euler or heun, got {o.solver!r}")
+        if o.steps < 1:
+            raise InferenceError(f"steps must be >= 1, got {o.steps}")
+        rows = [p for p in prompts for _ in range(n)]
+        gen = torch.Generator(self.device).manual_seed(seed)
+        images, reps = [], []
+        for s in tqdm(range(0, len(rows), batch_size), disable=not progress or len(rows) <= batch_size, desc="batches"):
+            chunk = rows[s:s + batch_size]
+            with self._autocast():
+                r = self.sample_reps(chunk, o, gen, progress) if self.cfg.rep_slots else None
+                x = self.sample_pixels(chunk, r, o, gen, progress)
+            if self.cfg.variant.startswith("vae"):
+                from .vae import decode
+
+                x = decode(self.vae, x)
+            images.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+            if r is not None:
+                reps.append(r.float().cpu().numpy() if r.dtype != torch.long else r.cpu().numpy())
+        return np.concatenate(images), (np.concatenate(reps) if reps else None)
+
+    def generate(self, prompts: list[str], n: int = 1, seed: int = 0, **kw) -> list[Image.Image]:
+        """PIL images, n per prompt, prompt-major. Keyword options: those of GenOptions."""
+        opts = GenOptions(**{k: v for k, v in kw.items() if k in GenOptions.__dataclass_fields__})
+        arr, _ = self.generate_arrays(prompts, n, seed, opts, progress=kw.get("progress", False))
+        return [Image.fromarray(a) for a in arr]
+
+    # ------------------------------------------------------------------ understanding
+
+    def _image_tensor(self, img) -> torch.Tensor:
+        s = self.cfg.image_size
+        if isinstance(img, (str, Path)):
+            try:
+                with Image.open(img) as im:
+                    im.load()
+                    img = im.convert("RGB")
+            except Exception:
+                raise InferenceError(f"unreadable image: {img}") from None
+        if isinstance(img, Image.Image):
+            img = img.convert("RGB")
+            if img.size != (s, s):
+                img = img.resize((s, s), Image.BICUBIC)
+            img = np.asarray(img)
+        arr = np.asarray(img)
+        if arr.shape != (s, s, 3):
+            raise InferenceError(f"image must be {s}x{s} RGB, got array of shape {arr.shape}")
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1
+
+    @torch.no_grad()
+    def answer(self, images, questions: list[str], max_new_tokens: int = 40, temperature: float = 0.0,
+               seed: int = 0, use_cache: bool = True) -> list[str]:
+        """Answers to questions about images (greedy when temperature is 0), stopping at EOS."""
+        if len(images) != len(questions):
+            raise InferenceError(f"{len(images)} images for {len(questions)} questions")
+        if not questions:
+            return []
+        m, tok = self.model, self.tok
+        x = torch.stack([self._image_tensor(i) for i in images]).to(self.device)
+        built = [und_prefix(tok, self.layout, q) for q in questions]
+        tokens, kind, pos = _left_pad([b[0] for b in built], [b[1] for b in built])
+        tokens, kind, pos = tokens.to(self.device), kind.to(self.device), pos.to(self.device)
+        if tokens.shape[1] + max_new_tokens > self.max_len:
+            raise InferenceError(f"question too long for the context of {self.max_len}")
+        gen = torch.Generator(self.device).manual_seed(seed)
+        B = len(questions)
+        out = torch.zeros(B, 0, dtype=torch.long, device=self.device)
+        done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        with self._autocast():
+            h = m.embed_text(tokens)
+            h[kind == ENC] = m.embed_image(x).reshape(-1, h.shape[-1]).to(h.dtype)
+            if use_cache:
+                cache, hidden = self._prefill(h, kind, pos, max_new_tokens)
+            else:
+                hidden = m.forward_hidden(h, kind, pos)
+            last = hidden[:, -1]
+            base = pos[:, -1:] + 1  # (B, 1): position of the first answer token
+            for i in range(max_new_tokens):
+                logits = m.lm_logits(last).float()
+                if temperature > 0:
+                    nxt = torch.multinomial((logits / temperature).softmax(-1), 1, generator=gen)[:, 0]
+                else:
+                    nxt = logits.argmax(-1)
+                nxt = torch.where(done, tok.eos_id, nxt)
+                out = torch.cat([out, nxt[:, None]], 1)
+                done |= nxt == tok.eos_id
+                if done.all():
+                    break
+                step_pos = base + i
+                if use_cache:
+                    last = m.forward_hidden(m.embed_text(nxt[:, None]), torch.full((B, 1), TEXT, device=self.device),
+                                            step_pos, kv_cache=cache)[:, -1]
+                else:
+                    h = torch.cat([h, m.embed_text(nxt[:, None]).to(h.dtype)], 1)
+                    kind = torch.cat([kind, torch.full((B, 1), TEXT, device=self.device)], 1)
+                    pos = torch.cat([pos, step_pos], 1)
+                    last = m.forward_hidden(h, kind, pos)[:, -1]
+        texts = []
+        for row in out.tolist():
+            row = row[: row.index(tok.eos_id)] if tok.eos_id in row else row
+            texts.append(tok.decode(row))
+        return texts
+
+    def caption(self, images, **kw) -> list[str]:
+        from .world import caption_question
+
+        return self.answer(images, [caption_question()] * len(images), **kw)
+
+
+# ---------------------------------------------------------------------- loading
+
+
+def _find_up(start: Path, name: str) -> Path | None:
+    for d in (start, *start.parents):
+        if (d / name).exists():
+            return d / name
+    return None
+
+
+def load(path: str | Path, device: str = "cpu", ema: bool = True, precision: str = "auto") -> Engine:
+    """An Engine from a run folder, its checkpoints folder or one step folder (EMA weights by default)."""
+    try:
+        d = checkpoint.resolve(Path(path))
+        state, cfg_json = checkpoint.load(d)
+    except checkpoint.CheckpointError as e:
+        raise InferenceError(str(e)) from None
+    try:
+        cfg = Config.from_json(cfg_json)
+        model = RFModel(cfg.model)
+        model.load_state_dict(state["ema" if ema else "model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise InferenceError(f"incompatible checkpoint {d}: {str(e).splitlines()[0]}") from None
+    tok_dir = _find_up(d, "tokenizer")
+    if tok_dir is None:
+        raise InferenceError(f"no tokenizer/ folder beside the run of {d}")
+    tok = load_tokenizer(tok_dir)
+    if len(tok) != cfg.model.vocab_size:
+        raise InferenceError(f"tokenizer in {tok_dir} has {len(tok)} tokens, the model {cfg.model.vocab_size}")
+    vae = None
+    if cfg.model.variant.startswith("vae"):
+        from .vae import load_vae
+
+        vae_dir = Path(cfg.train.vae)
+        if not vae_dir.is_absolute() and not vae_dir.exists():
+            vae_dir = d.parent.parent.parent / cfg.train.vae
+        try:
+            vae = load_vae(vae_dir)
+        except FileNotFoundError as e:
+            raise InferenceError(str(e)) from None
+    return Engine(model.to(device), tok, vae, device, precision)

@@ -1,0 +1,138 @@
+"""The online quantizer that turns pooled encoder features into representation token ids.
+
+DESIGN.md, "Representation targets", restated:
+
+    z   = normalize(pool(features))          # (M, D), M = batch * positions
+    s   = z @ C.T / temperature              # (M, K), C: (K, D) unit prototypes
+    q   = balance(s)                         # see below
+    ids = q.argmax(dim=1)                    # (M,)
+    C[k] = normalize(m C[k] + (1 - m) normalize(sum of z with ids == k))   # only k that got features
+
+Balancing (`balance=`):
+    "softmax"  (default) the paper's printed step: softmax over prototypes, then softmax
+               over positions (dim=0). Since q is in [0, 1], the second softmax is close to
+               subtracting each prototype's mean probability before the argmax, which
+               penalises prototypes that take mass from everyone.
+    "sinkhorn" a proper SwAV Sinkhorn-Knopp step: softmax over prototypes (rows sum to 1),
+               then divide each column by its sum (columns sum to M / K); `iters` > 1
+               alternates the two normalizations.
+    "none"     plain argmax of s; collapses onto few prototypes when features cluster.
+
+Dead prototypes: a prototype that receives no feature for `dead_after` updates is
+re-seeded at a random feature of the current batch. Everything here runs in fp32
+under no_grad: ids carry no gradient, nothing flows back into the encoder.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BALANCES = ("softmax", "sinkhorn", "none")
+
+
+def pool2x2(x: torch.Tensor, k: int = 2) -> torch.Tensor:
+    """k x k average pooling of a feature grid, (B, h, w, D) -> (B, h/k, w/k, D) or (B, N, D) -> (B, N/k^2, D).
+
+    A (B, N, D) input is a square raster-order grid; the output keeps raster order.
+    """
+    flat = x.dim() == 3
+    if flat:
+        side = math.isqrt(x.shape[1])
+        x = x.reshape(x.shape[0], side, side, x.shape[2])  # (B, h, w, D)
+    B, h, w, D = x.shape
+    x = x.reshape(B, h // k, k, w // k, k, D).mean(dim=(2, 4))  # (B, h/k, w/k, D)
+    return x.reshape(B, -1, D) if flat else x
+
+
+def balance_scores(s: torch.Tensor, balance: str = "softmax", iters: int = 1) -> torch.Tensor:
+    """The balancing step applied to scores s (M, K); the argmax over dim 1 gives the ids."""
+    if balance == "none":
+        return s
+    q = torch.softmax(s, dim=1)  # over prototypes: each position a distribution
+    if balance == "softmax":
+        return torch.softmax(q, dim=0)  # over positions, as printed in the paper
+    if balance == "sinkhorn":
+        M, K = q.shape
+        for i in range(iters):
+            if i > 0:
+                q = q / q.sum(dim=1, keepdim=True)  # rows -> 1
+            q = q / q.sum(dim=0, keepdim=True) * (M / K)  # columns -> M / K, equal use of every prototype
+        return q
+    raise ValueError(f"balance must be one of {BALANCES}, got {balance!r}")
+
+
+def assign(z: torch.Tensor, prototypes: torch.Tensor, temperature: float = 0.5, balance: str = "softmax",
+           iters: int = 1) -> torch.Tensor:
+    """Ids (M,) of unit features z (M, D) against unit prototypes (K, D)."""
+    s = z @ prototypes.T / temperature  # (M, K) cosine / temperature
+    return balance_scores(s, balance, iters).argmax(dim=1)
+
+
+def momentum_update(prototypes: torch.Tensor, z: torch.Tensor, ids: torch.Tensor, momentum: float) -> torch.Tensor:
+    """New prototypes (K, D): normalize(m C + (1 - m) normalize(sum of z assigned to k)) where k got features."""
+    K = prototypes.shape[0]
+    sums = torch.zeros_like(prototypes).index_add_(0, ids, z)  # (K, D)
+    hit = torch.bincount(ids, minlength=K) > 0  # (K,)
+    moved = F.normalize(momentum * prototypes + (1 - momentum) * F.normalize(sums, dim=1), dim=1)
+    return torch.where(hit[:, None], moved, prototypes)
+
+
+def perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of a histogram: K for uniform use of K codes, 1 for a single code."""
+    p = counts.float() / counts.sum().clamp(min=1e-12)
+    return torch.exp(-(p * p.clamp(min=1e-12).log()).sum())
+
+
+class OnlineQuantizer(nn.Module):
+    """Prototypes and usage counters as buffers (they save in the state_dict); updates only in training mode."""
+
+    def __init__(self, num_codes: int, dim: int, temperature: float = 0.5, momentum: float = 0.99,
+                 balance: str = "softmax", sinkhorn_iters: int = 1, dead_after: int = 100, usage_decay: float = 0.99):
+        super().__init__()
+        if balance not in BALANCES:
+            raise ValueError(f"balance must be one of {BALANCES}, got {balance!r}")
+        self.num_codes, self.temperature, self.momentum = num_codes, temperature, momentum
+        self.balance, self.sinkhorn_iters = balance, sinkhorn_iters
+        self.dead_after, self.usage_decay = dead_after, usage_decay  # dead_after = 0: never re-seed
+        self.register_buffer("prototypes", torch.zeros(num_codes, dim))  # (K, D) unit rows
+        self.register_buffer("unused", torch.zeros(num_codes, dtype=torch.long))  # updates since last assignment
+        self.register_buffer("usage", torch.zeros(num_codes))  # EMA of assignment frequencies
+        self.reset()
+
+    @torch.no_grad()
+    def reset(self):
+        """Random unit prototypes (DESIGN.md section 5), fresh counters."""
+        self.prototypes.copy_(F.normalize(torch.randn_like(self.prototypes), dim=1))
+        self.unused.zero_()
+        self.usage.fill_(1.0 / self.num_codes)
+
+    @torch.no_grad()
+    def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """feats (..., D) -> ids (...) long, and usage stats; updates the prototypes if training."""
+        lead, D = feats.shape[:-1], feats.shape[-1]
+        with torch.autocast(device_type=feats.device.type, enabled=False):
+            z = F.normalize(feats.detach().reshape(-1, D).float(), dim=1)  # (M, D)
+            ids = assign(z, self.prototypes, self.temperature, self.balance, self.sinkhorn_iters)  # (M,)
+            counts = torch.bincount(ids, minlength=self.num_codes)  # (K,)
+            stats = {"rep_ppl": perplexity(counts), "rep_used": (counts > 0).sum().float()}
+            if self.training:
+                stats.update(self._update(z, ids, counts))
+            stats["rep_ppl_ema"] = perplexity(self.usage)
+        return ids.view(lead), stats
+
+    def _update(self, z, ids, counts) -> dict[str, torch.Tensor]:
+        self.prototypes.copy_(momentum_update(self.prototypes, z, ids, self.momentum))
+        self.usage.mul_(self.usage_decay).add_(counts.float() / counts.sum(), alpha=1 - self.usage_decay)
+        self.unused.add_(1).masked_fill_(counts > 0, 0)
+        if self.dead_after <= 0:
+            return {"rep_dead": torch.zeros(())}
+        dead = self.unused >= self.dead_after  # (K,)
+        n_dead = int(dead.sum())
+        if n_dead:
+            # re-seed at random live features of this batch, so the prototype starts where data is
+            pick = torch.randint(z.shape[0], (n_dead,), device=z.device)
+            self.prototypes[dead] = z[pick]
+            self.unused[dead] = 0
+        return {"rep_dead": torch.tensor(float(n_dead))}

@@ -1,0 +1,517 @@
+"""The Representation Forcing model: encoder, MoT backbone, heads and losses, one code path for all variants.
+
+One sequence per sample (DESIGN.md section 2), right-padded to L:
+
+    generation     [BOS prompt][BOI][r_1 .. r_M][p_1 .. p_N][EOI] pad
+    understanding  [BOS][IMG_START][e_1 .. e_E][IMG_END][question][answer][EOS] pad
+
+`kind` marks each position (PAD, TEXT, ENC, REP, GEN below). Text and rep are causal;
+the pixel block and the encoder block are bidirectional inside and see the whole
+prefix; padding is invisible. The rep head at the position just before each rep slot
+predicts that slot's id; the pixel head maps each pixel slot back to its patch
+(x-prediction, flow.py). Variants (`ModelConfig.variant`):
+
+    vlm         understanding only: L_LM; one FFN expert, no generation modules
+    pixel       + pixel flow matching: L_LM + L_FM
+    pixel_rf    + discrete rep tokens: L_LM + L_Rep + L_FM            (the method)
+    vae         as pixel, diffusing frozen-VAE latents (the trainer passes them as gen_x)
+    vae_rf      as pixel_rf on VAE latents
+    pixel_repa  pixel + REPA: L_LM + L_FM + w * (-cos(proj(h_mid), encoder features))
+    pixel_cont  rep slots hold continuous features, regressed by a per-token flow head:
+                L_LM + L_Cont + L_FM
+
+Axes: B batch, L length, D backbone width, G generation samples, U understanding
+samples, N gen tokens per image, M rep cells, E encoder tokens, De encoder width,
+P values per gen patch, K codebook size.
+"""
+
+import copy
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import flow
+from .encoder import Connector, ImageEncoder, ema_update, patchify, unpatchify
+from .model import KVCache, Transformer
+from .quantizer import BALANCES, OnlineQuantizer, pool2x2
+
+PAD, TEXT, ENC, REP, GEN = 0, 1, 2, 3, 4  # values of `kind`
+KIND_TO_EXPERT = (-1, 0, 0, 1, 2)  # pad -> no FFN (model.py); text, encoder -> understanding; rep -> 1; gen -> 2
+VARIANTS = ("vlm", "pixel", "pixel_rf", "vae", "vae_rf", "pixel_repa", "pixel_cont")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    variant: str = "pixel_rf"  # one of VARIANTS
+    vocab_size: int = 512  # text vocabulary incl. special tokens; the tokenizer sets it
+    dim: int = 256  # backbone width D
+    n_layers: int = 6  # backbone blocks
+    n_heads: int = 4  # query heads
+    n_kv_heads: int = 2  # key/value heads (grouped-query attention)
+    head_dim: int = 64  # width per head
+    ffn_hidden: int = 704  # SwiGLU hidden width of each MoT expert (2.75 x dim)
+    norm_eps: float = 1e-6  # RMSNorm epsilon (Qwen3)
+    rope_theta: float = 10000.0  # RoPE base (Qwen3 uses 1e6 for long contexts)
+    tie_embeddings: bool = False  # lm_head shares embed_tokens' weight
+    image_size: int = 32  # side of the square RGB image in pixels, values in [-1, 1]
+    image_channels: int = 3  # channels of `images`
+    enc_dim: int = 192  # encoder width De
+    enc_layers: int = 4  # encoder blocks
+    enc_heads: int = 3  # encoder attention heads
+    enc_patch: int = 4  # encoder patch side in pixels
+    enc_mlp_ratio: float = 4.0  # encoder MLP hidden / width
+    encoder_ema: float = 0.999  # decay of the EMA encoder that gives rep / REPA targets, per update_ema_encoder()
+    gen_channels: int = 3  # channels of the diffused tensor gen_x (3 pixels, 4 VAE latents)
+    gen_size: int = 32  # side of gen_x (32 pixels, 8 latents)
+    gen_patch: int = 4  # patch side of gen_x (4 pixels, 1 latents)
+    gen_head_hidden: int = 0  # pixel head: 0 = linear, else hidden width of a 2-layer MLP
+    rep_pool: int = 2  # rep cell = rep_pool x rep_pool encoder patches, average pooled
+    codebook_size: int = 256  # K rep ids (16,384 at scale)
+    rep_temperature: float = 0.5  # cosine / temperature before balancing
+    rep_momentum: float = 0.99  # prototype momentum m (0.9999 at scale)
+    rep_balance: str = "softmax"  # "softmax" (as printed), "sinkhorn" (SwAV) or "none"
+    rep_sinkhorn_iters: int = 1  # Sinkhorn iterations when rep_balance="sinkhorn"
+    rep_dead_after: int = 100  # updates without assignment before a prototype is re-seeded; 0 = never
+    t_mean: float = flow.T_MEAN  # logit-normal location of train-time t
+    t_std: float = flow.T_STD  # logit-normal scale of train-time t
+    t_eps: float = flow.T_EPS  # floor of 1 - t in x -> v
+    repa_layer: int = 1  # pixel_repa: 0-based block whose output is aligned
+    repa_weight: float = 0.5  # pixel_repa: weight of the alignment loss (REPA's lambda)
+    cont_width: int = 256  # pixel_cont: flow head width
+    cont_depth: int = 2  # pixel_cont: flow head residual MLP blocks
+
+    def __post_init__(self):
+        def check(ok, field, msg):
+            if not ok:
+                raise ValueError(f"model.{field}={getattr(self, field)!r}: {msg}")
+        check(self.variant in VARIANTS, "variant", f"must be one of {VARIANTS}")
+        check(self.n_heads % self.n_kv_heads == 0, "n_heads", f"must be a multiple of n_kv_heads={self.n_kv_heads}")
+        check(self.head_dim % 2 == 0, "head_dim", "must be even (RoPE)")
+        check(self.image_size % self.enc_patch == 0, "image_size", f"not divisible by enc_patch={self.enc_patch}")
+        check(self.enc_dim % self.enc_heads == 0, "enc_dim", f"not divisible by enc_heads={self.enc_heads}")
+        check((self.image_size // self.enc_patch) % self.rep_pool == 0, "rep_pool", "must divide the encoder grid")
+        check(self.gen_size % self.gen_patch == 0, "gen_size", f"not divisible by gen_patch={self.gen_patch}")
+        check(self.rep_balance in BALANCES, "rep_balance", f"must be one of {BALANCES}")
+        check(0 <= self.repa_layer < self.n_layers, "repa_layer", f"must be in [0, n_layers={self.n_layers})")
+        if self.variant.startswith("pixel"):
+            check(self.gen_size == self.image_size, "gen_size", "pixel variants diffuse the image itself")
+            check(self.gen_channels == self.image_channels, "gen_channels", "pixel variants diffuse the image")
+
+    @property
+    def has_gen(self) -> bool:  # generation modules and L_FM
+        return self.variant != "vlm"
+
+    @property
+    def rep_ids(self) -> bool:  # discrete rep tokens: quantizer, id table, rep head, L_Rep
+        return self.variant in ("pixel_rf", "vae_rf")
+
+    @property
+    def rep_slots(self) -> bool:  # generation samples carry M rep slots
+        return self.rep_ids or self.variant == "pixel_cont"
+
+    @property
+    def needs_ema_encoder(self) -> bool:  # some target comes from the EMA encoder
+        return self.rep_slots or self.variant == "pixel_repa"
+
+    @property
+    def n_experts(self) -> int:
+        return 1 if self.variant == "vlm" else 3
+
+    @property
+    def n_enc(self) -> int:  # encoder tokens E per image
+        return (self.image_size // self.enc_patch) ** 2
+
+    @property
+    def n_rep(self) -> int:  # rep cells M per image
+        return self.n_enc // self.rep_pool ** 2
+
+    @property
+    def n_gen(self) -> int:  # gen tokens N per image
+        return (self.gen_size // self.gen_patch) ** 2
+
+    @property
+    def patch_values(self) -> int:  # P values per gen patch
+        return self.gen_patch ** 2 * self.gen_channels
+
+
+def attention_mask(q_kind: torch.Tensor, q_pos: torch.Tensor, k_kind: torch.Tensor | None = None,
+                   k_pos: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean attention mask (B, 1, Lq, Lk), True = may attend, from kinds and positions.
+
+    A query sees a key if the key is not padding and either comes no later (causal)
+    or both are ENC or both are GEN (the image blocks are bidirectional; each sample
+    holds one image, so one block per kind). Keys default to the queries (a full
+    forward); with a KVCache they are the cached prefix followed by the queries.
+    """
+    if k_kind is None:
+        k_kind, k_pos = q_kind, q_pos
+    qk, qp = q_kind[:, :, None], q_pos[:, :, None]  # (B, Lq, 1)
+    kk, kp = k_kind[:, None, :], k_pos[:, None, :]  # (B, 1, Lk)
+    block = (qk == kk) & ((qk == ENC) | (qk == GEN))
+    allowed = (kk != PAD) & ((kp <= qp) | block)  # (B, Lq, Lk)
+    # a padding query with no visible key (left padding) looks at all keys: keeps SDPA finite, output unused
+    allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
+    return allowed[:, None]
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features (B, dim) of t in [0, 1], scaled by 1000 so the frequencies match DiT's integer steps."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = 1000.0 * t.float()[:, None] * freqs  # (B, dim/2)
+    return torch.cat([args.cos(), args.sin()], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """DiT's timestep embedding: sinusoid then a SiLU MLP."""
+
+    def __init__(self, dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):  # (B,) -> (B, dim)
+        return self.mlp(timestep_embedding(t, self.freq_dim))
+
+
+def mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.SiLU(), nn.Linear(hidden, d_out))
+
+
+class ContFlowHead(nn.Module):
+    """pixel_cont: a per-token MLP flow head (MAR-style) predicting a clean rep feature.
+
+    Input: the noisy feature z_t, t, and the backbone hidden c at the position before
+    the rep slot; output: x_pred of the feature. Conditioning is additive.
+    """
+
+    def __init__(self, feat_dim: int, cond_dim: int, width: int, depth: int):
+        super().__init__()
+        self.in_proj = nn.Linear(feat_dim, width)
+        self.cond_proj = nn.Linear(cond_dim, width)
+        self.t_embed = TimestepEmbedder(width)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(width), mlp(width, 2 * width, width)) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, feat_dim)
+
+    def forward(self, z, t, c):  # (n, De), (n,), (n, D) -> (n, De)
+        x = self.in_proj(z) + self.cond_proj(c) + self.t_embed(t)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.out(self.norm(x))
+
+
+class RFModel(nn.Module):
+    """Encoder + connector + MoT backbone + heads. `forward(batch)` returns the losses; the
+    `embed_*`, head and `forward_hidden` methods are what an inference engine composes."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, De = cfg.dim, cfg.enc_dim
+        self.backbone = Transformer(cfg.vocab_size, D, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+                                    cfg.ffn_hidden, cfg.n_experts, cfg.norm_eps, cfg.rope_theta)
+        self.lm_head = nn.Linear(D, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.backbone.embed_tokens.weight
+        self.encoder = ImageEncoder(cfg.image_size, cfg.enc_patch, cfg.image_channels, De, cfg.enc_layers,
+                                    cfg.enc_heads, cfg.enc_mlp_ratio)
+        self.connector = Connector(De, D)
+        if cfg.needs_ema_encoder:
+            self.ema_encoder = copy.deepcopy(self.encoder).requires_grad_(False)  # updated by update_ema_encoder()
+        if cfg.has_gen:  # "gen" = pixels or VAE latents: the model only sees gen_x
+            self.gen_embed = nn.Linear(cfg.patch_values, D)
+            self.gen_pos = nn.Parameter(torch.zeros(cfg.n_gen, D))  # learned 2D position, one row per patch
+            self.t_embed = TimestepEmbedder(D)
+            h = cfg.gen_head_hidden
+            self.gen_head = mlp(D, h, cfg.patch_values) if h else nn.Linear(D, cfg.patch_values)
+        if cfg.rep_slots:
+            self.rep_pos = nn.Parameter(torch.zeros(cfg.n_rep, D))  # learned 2D position, one row per cell
+            self.null_rep = nn.Parameter(torch.zeros(D))  # input at every rep slot of a rep-dropped sample
+        if cfg.rep_ids:
+            self.quantizer = OnlineQuantizer(cfg.codebook_size, De, cfg.rep_temperature, cfg.rep_momentum,
+                                             cfg.rep_balance, cfg.rep_sinkhorn_iters, cfg.rep_dead_after)
+            self.rep_embed = nn.Embedding(cfg.codebook_size, D)  # own table, apart from the text vocabulary
+            self.rep_head = nn.Linear(D, cfg.codebook_size, bias=False)
+        if cfg.variant == "pixel_cont":
+            self.cont_in = nn.Linear(De, D)
+            self.cont_head = ContFlowHead(De, D, cfg.cont_width, cfg.cont_depth)
+        if cfg.variant == "pixel_repa":
+            self.repa_proj = mlp(D, 2 * D, De)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02):
+        """Backbone as Qwen3, encoder as ViT; the rest normal(0.02). Output heads start at zero
+        (DiT, nanochat): CE losses start at log(vocab), the pixel head predicts x = 0. The EMA
+        encoder starts as a copy of the encoder, the prototypes as random unit vectors."""
+        self.backbone.init_weights(std)
+        self.encoder.init_weights(std)
+        self.connector.init_weights(std)
+        own = ("backbone.", "encoder.", "ema_encoder.", "connector.")
+        for name, m in self.named_modules():
+            if name.startswith(own):
+                continue
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for name in ("gen_pos", "rep_pos", "null_rep"):
+            if hasattr(self, name):
+                nn.init.normal_(getattr(self, name), std=std)
+        heads = [getattr(self, n, None) for n in ("rep_head", "gen_head")]
+        heads += [self.cont_head.out] if hasattr(self, "cont_head") else []
+        heads += [] if self.cfg.tie_embeddings else [self.lm_head]
+        for head in heads:
+            if head is not None:
+                last = head[-1] if isinstance(head, nn.Sequential) else head
+                nn.init.zeros_(last.weight)
+                if last.bias is not None:
+                    nn.init.zeros_(last.bias)
+        if hasattr(self, "ema_encoder"):
+            self.ema_encoder.load_state_dict(self.encoder.state_dict())
+        if hasattr(self, "quantizer"):
+            self.quantizer.reset()
+
+    # ------------------------------------------------------------ inputs of each kind of position
+
+    def embed_text(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, D)
+        return self.backbone.embed_tokens(tokens)
+
+    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Understanding input: (B, C, H, W) -> connector(normed encoder features) (B, E, D)."""
+        return self.connector(self.encoder(images)[1])
+
+    def embed_rep(self, values: torch.Tensor, start: int = 0, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """Rep slot inputs for cells [start, start + m): ids (B, m) long, or continuous features
+        (B, m, De) for pixel_cont; rows with drop (B,) True get the null embedding. -> (B, m, D)."""
+        m = values.shape[1]
+        x = self.rep_embed(values) if values.dtype == torch.long else self.cont_in(values)  # (B, m, D)
+        if drop is not None:
+            x = torch.where(drop[:, None, None], self.null_rep.to(x.dtype), x)
+        return x + self.rep_pos[start:start + m].to(x.dtype)
+
+    def embed_gen(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Gen slot inputs: noisy z_t (B, C, Hg, Wg) at time t (B,) -> (B, N, D)."""
+        x = self.gen_embed(patchify(z, self.cfg.gen_patch))  # (B, N, D)
+        return x + self.gen_pos.to(x.dtype) + self.t_embed(t)[:, None].to(x.dtype)
+
+    # ------------------------------------------------------------ heads
+
+    def lm_logits(self, h: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., vocab)
+        return self.lm_head(h)
+
+    def rep_logits(self, h: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., K)
+        return self.rep_head(h)
+
+    def gen_pred(self, h: torch.Tensor) -> torch.Tensor:
+        """x-prediction from the hidden states of the N gen slots: (B, N, D) -> (B, C, Hg, Wg)."""
+        c = self.cfg
+        return unpatchify(self.gen_head(h), c.gen_patch, c.gen_channels, c.gen_size, c.gen_size)
+
+    def cont_pred(self, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """pixel_cont: x-prediction of rep features (n, De) from z_t (n, De), t (n,), hidden before the slot (n, D)."""
+        return self.cont_head(z, t, cond)
+
+    # ------------------------------------------------------------ backbone
+
+    def expert_ids(self, kind: torch.Tensor) -> torch.Tensor:  # (B, L) -> (B, L)
+        ids = torch.tensor(KIND_TO_EXPERT, device=kind.device)[kind]
+        return ids.clamp(max=self.cfg.n_experts - 1)  # vlm: a single expert
+
+    def new_kv_cache(self, batch: int, max_len: int, device=None) -> KVCache:
+        return self.backbone.new_kv_cache(batch, max_len, device)
+
+    def forward_hidden(self, h: torch.Tensor, kind: torch.Tensor, positions: torch.Tensor,
+                       kv_cache: KVCache | None = None, commit: bool = True, return_layer: int | None = None):
+        """Backbone over input embeddings h (B, L, D) of the given kinds and positions (B, L).
+
+        With a kv_cache the queries attend to its prefix and themselves; commit=False is
+        the frozen-prefix use (the pixel block at each ODE step). Returns the final
+        hidden (B, L, D), or (final, after layers[return_layer]).
+        """
+        if kv_cache is None:
+            mask = attention_mask(kind, positions)
+        else:
+            mask = attention_mask(kind, positions, *kv_cache.keys_meta(kind, positions))
+        out = self.backbone(h, self.expert_ids(kind), mask, positions, kv_cache, return_layer)
+        if kv_cache is not None and commit:
+            kv_cache.commit(kind, positions)
+        return out
+
+    # ------------------------------------------------------------ targets
+
+    @torch.no_grad()
+    def ema_features(self, images: torch.Tensor) -> torch.Tensor:
+        """EMA encoder's last-layer patch features before the final norm, (B, E, De)."""
+        return self.ema_encoder(images)[0]
+
+    @torch.no_grad()
+    def rep_targets(self, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Rep ids (B, M) of images and codebook stats; prototypes move only in training mode."""
+        return self.quantizer(pool2x2(self.ema_features(images), self.cfg.rep_pool))
+
+    @torch.no_grad()
+    def cont_targets(self, images: torch.Tensor) -> torch.Tensor:
+        """pixel_cont targets (B, M, De): pooled EMA features, L2-normalized and scaled to unit RMS per channel."""
+        y = pool2x2(self.ema_features(images), self.cfg.rep_pool).float()
+        return F.normalize(y, dim=-1) * math.sqrt(y.shape[-1])
+
+    @torch.no_grad()
+    def update_ema_encoder(self, decay: float | None = None) -> None:
+        """ema_encoder <- EMA of encoder; call after each optimizer step."""
+        if hasattr(self, "ema_encoder"):
+            ema_update(self.ema_encoder, self.encoder, self.cfg.encoder_ema if decay is None else decay)
+
+    # ------------------------------------------------------------ training forward
+
+    def build_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """Input embeddings (B, L, D) of a batch (contract: sequence.py) and what the losses need.
+
+        Draws the flow noise and times of the generation samples and, for the rep
+        variants, computes the rep targets (moving the prototypes in training mode).
+        """
+        cfg = self.cfg
+        kind, is_gen = batch["kind"], batch["is_gen"]
+        B, L = kind.shape
+        positions = batch.get("positions")
+        if positions is None:
+            positions = torch.arange(L, device=kind.device).expand(B, L)
+        if is_gen.any() and not cfg.has_gen:
+            raise ValueError("the vlm variant trains on understanding samples only; the batch has generation samples")
+        aux: dict = {"positions": positions, "stats": {}}
+
+        h = self.embed_text(batch["tokens"])  # (B, L, D); slots of other kinds are overwritten below
+        und = ~is_gen
+        h = _fill(h, kind == ENC, self.embed_image(batch["images"][und]) if und.any() else None, "ENC")  # (U, E, D)
+        gen_x = batch.get("gen_x", batch["images"])[is_gen]  # (G, C, Hg, Wg)
+        G = aux["G"] = gen_x.shape[0]
+        rep_inputs = None
+        if G:
+            x, e = gen_x.float(), torch.randn_like(gen_x, dtype=torch.float32)
+            t = flow.sample_t(G, cfg.t_mean, cfg.t_std, device=x.device)  # (G,)
+            h = _fill(h, kind == GEN, self.embed_gen(flow.interpolate(x, e, t), t), "GEN")  # (G, N, D)
+            drop = batch["drop_rep"][is_gen]  # (G,)
+            aux.update(x=x, e=e, t=t, drop=drop)
+            if cfg.needs_ema_encoder:
+                aux["images"] = batch["images"][is_gen]
+            if cfg.rep_ids:
+                aux["ids"], aux["stats"] = self.rep_targets(aux["images"])  # (G, M)
+                rep_inputs = self.embed_rep(aux["ids"], drop=drop)  # (G, M, D)
+            elif cfg.variant == "pixel_cont":
+                aux["y"] = self.cont_targets(aux["images"])  # (G, M, De)
+                rep_inputs = self.embed_rep(aux["y"].to(h.dtype), drop=drop)  # (G, M, D)
+        else:
+            _fill(h, kind == GEN, None, "GEN")  # checks there are none
+        h = _fill(h, kind == REP, rep_inputs, "REP")
+        return h, aux
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Losses of one batch. Returns scalar tensors: loss (the sum that is trained), loss_lm,
+        and per variant loss_rep and rep_acc, loss_fm, loss_repa, loss_cont, plus codebook stats rep_*."""
+        cfg = self.cfg
+        kind, text_targets, is_gen = batch["kind"], batch["text_targets"], batch["is_gen"]
+        h, aux = self.build_inputs(batch)
+        G = aux["G"]
+        out: dict[str, torch.Tensor] = dict(aux["stats"])
+        repa = cfg.variant == "pixel_repa"
+        hidden = self.forward_hidden(h, kind, aux["positions"], return_layer=cfg.repa_layer if repa else None)
+        if repa:
+            hidden, mid = hidden
+        zero = hidden.new_zeros(())  # a term with no carrier in this batch
+
+        # L_LM: next-token CE wherever a text target exists
+        sel = text_targets != -100
+        logits = self.lm_logits(hidden[sel])  # (n, vocab)
+        out["loss_lm"] = F.cross_entropy(logits.float(), text_targets[sel]) if sel.any() else zero
+        if cfg.has_gen:
+            out["loss_fm"] = zero
+            if G:
+                x_pred = self.gen_head(hidden[kind == GEN])  # (G*N, P)
+                xp = patchify(aux["x"], cfg.gen_patch)  # (G, N, P)
+                ep = patchify(aux["e"], cfg.gen_patch)  # (G, N, P)
+                out["loss_fm"] = flow.fm_loss(x_pred.view_as(xp), xp, ep, aux["t"], cfg.t_eps)
+        if cfg.rep_slots:
+            # the position just before each rep slot predicts it (BOI for the first); not in rep-dropped samples
+            before = torch.zeros_like(kind, dtype=torch.bool)
+            before[:, :-1] = kind[:, 1:] == REP
+            keep = torch.zeros_like(is_gen)
+            if G:
+                keep[is_gen] = ~aux["drop"]
+            cond = hidden[before & keep[:, None]]  # (n, D), n = kept samples * M, sample then cell order
+        if cfg.rep_ids:
+            out["loss_rep"] = zero
+            if cond.shape[0]:
+                target = aux["ids"][~aux["drop"]].reshape(-1)  # (n,)
+                rep_logits = self.rep_logits(cond).float()  # (n, K)
+                out["loss_rep"] = F.cross_entropy(rep_logits, target)
+                out["rep_acc"] = (rep_logits.argmax(-1) == target).float().mean().detach()
+        if cfg.variant == "pixel_cont":
+            out["loss_cont"] = zero
+            if cond.shape[0]:
+                y = aux["y"][~aux["drop"]].reshape(-1, aux["y"].shape[-1])  # (n, De)
+                e = torch.randn_like(y)
+                t = flow.sample_t(y.shape[0], cfg.t_mean, cfg.t_std, device=y.device)  # one t per token
+                y_pred = self.cont_pred(flow.interpolate(y, e, t), t, cond)
+                out["loss_cont"] = flow.fm_loss(y_pred, y, e, t, cfg.t_eps)
+        if repa:
+            out["loss_repa"] = zero
+            if G:
+                target = self.ema_features(aux["images"])  # (G, E, De), before the final norm like the rep targets
+                g = cfg.gen_size // cfg.gen_patch
+                if target.shape[1] != g * g:  # align the encoder grid to the gen grid
+                    side = math.isqrt(target.shape[1])
+                    grid = target.transpose(1, 2).reshape(G, -1, side, side)  # (G, De, s, s)
+                    target = F.adaptive_avg_pool2d(grid, g).flatten(2).transpose(1, 2)  # (G, N, De)
+                pred = self.repa_proj(mid[kind == GEN])  # (G*N, De)
+                cos = F.cosine_similarity(pred.float(), target.reshape(-1, target.shape[-1]).float(), dim=-1)
+                out["loss_repa"] = -cos.mean()
+
+        terms = [out[k] for k in ("loss_lm", "loss_rep", "loss_fm", "loss_cont") if k in out]
+        if repa:
+            terms.append(cfg.repa_weight * out["loss_repa"])
+        out["loss"] = sum(terms)
+        return out
+
+    # ------------------------------------------------------------ stages
+
+    @torch.no_grad()
+    def init_from_vlm(self, state_dict: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+        """Start a generation variant from a `vlm` checkpoint (DESIGN.md, training protocol).
+
+        Loads every tensor whose name and shape match; an FFN expert absent from the
+        checkpoint starts as a copy of its understanding expert (experts.0); the EMA
+        encoder starts as the loaded encoder; everything else keeps its fresh init.
+        Returns the names under "loaded", "copied" and "fresh" (fresh = new parameters,
+        e.g. for a higher learning rate).
+        """
+        src = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state_dict.items()}
+        report: dict[str, list[str]] = {"loaded": [], "copied": [], "fresh": []}
+        for name, tensor in self.state_dict().items():
+            key, bucket = name, "loaded"
+            if key not in src:
+                key, bucket = re.sub(r"(\.mlp\.experts\.)\d+\.", r"\g<1>0.", name), "copied"
+            if name.startswith("ema_encoder."):
+                key, bucket = "encoder." + name[len("ema_encoder."):], "copied"
+            if key in src and src[key].shape == tensor.shape:
+                tensor.copy_(src[key])
+                report[bucket].append(name)
+            else:
+                report["fresh"].append(name)
+        return report
+
+
+def _fill(h: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None, what: str) -> torch.Tensor:
+    """h with the positions of mask (B, L) replaced, in raster order, by values (n, m, D); None = expect none."""
+    count, made = int(mask.sum()), 0 if values is None else values.shape[0] * values.shape[1]
+    if count != made:
+        raise ValueError(f"batch has {count} {what} slots, the model built {made} inputs for them")
+    return h if values is None else h.masked_scatter(mask[..., None], values.to(h.dtype))

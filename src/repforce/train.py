@@ -1,0 +1,262 @@
+"""The trainer: one loop for every variant, resumable bit for bit.
+
+    repforce train --preset shapes --variant vlm --out runs/vlm
+    repforce train --preset shapes --variant pixel_rf --init runs/vlm --out runs/pixel_rf
+    repforce train --out runs/pixel_rf --resume --steps 4000
+
+A run folder holds config.json (the resolved config), tokenizer/, log.jsonl (one line per
+logged step: every loss term, codebook usage, lr, tokens/s, step time) and
+checkpoints/step_*/ (see checkpoint.py). Batches are a pure function of the step, the
+RNG state is saved, so a run resumed from a checkpoint gives the same losses as one
+that never stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import checkpoint
+from .config import Config, ConfigError, validate
+from .rf import RFModel
+from .sequence import Layout, ShapesStream
+from .tokenizer import build_world_tokenizer, load_tokenizer
+
+GEN_MODULES = ("gen_embed", "gen_pos", "t_embed", "gen_head", "rep_", "null_rep", "cont_", "repa_proj")
+
+
+class RunError(Exception):
+    """A run that cannot start: printed as one line by the CLI."""
+
+
+_FAST_BF16: dict[str, bool] = {}
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" -> bf16 where bf16 matmuls are fast (GPUs, CPUs with AVX512-BF16/AMX), else fp32.
+
+    On a CPU it times a small matmul in both dtypes once per process: on AVX2-only CPUs
+    bf16 is emulated and about 100x slower than fp32, elsewhere it is several times faster."""
+    if precision != "auto":
+        return precision
+    if device.type != "cpu":
+        return "bf16"
+    if "cpu" not in _FAST_BF16:
+        import time
+
+        def rate(dtype):
+            a = torch.randn(256, 256, dtype=dtype)
+            a @ a
+            t0 = time.perf_counter()
+            for _ in range(4):
+                a @ a
+            return time.perf_counter() - t0
+
+        _FAST_BF16["cpu"] = rate(torch.bfloat16) < rate(torch.float32)
+    return "bf16" if _FAST_BF16["cpu"] else "fp32"
+
+
+def autocast(precision: str, device: torch.device):
+    if resolve_precision(precision, device) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def layout_of(model_cfg) -> Layout:
+    return Layout(model_cfg.n_enc, model_cfg.n_rep if model_cfg.rep_slots else 0, model_cfg.n_gen)
+
+
+def is_gen_param(name: str) -> bool:
+    """Parameters that exist for generation only: the gen/rep modules and the experts 1, 2."""
+    return name.startswith(GEN_MODULES) or ".mlp.experts.1." in name or ".mlp.experts.2." in name
+
+
+def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
+    """AdamW groups: decay on matrices of linear layers only; gen parameters at gen_lr_mult."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.ndim == 2 and "embed" not in name and not name.endswith("_pos")
+        groups.setdefault((decay, is_gen_param(name)), []).append(p)
+    out = []
+    for (decay, gen), params in groups.items():
+        mult = cfg.optim.gen_lr_mult if gen else 1.0
+        out.append({"params": params, "weight_decay": cfg.optim.weight_decay if decay else 0.0,
+                    "lr": cfg.optim.lr * mult, "lr_mult": mult})
+    return out
+
+
+def lr_factor(step: int, cfg: Config) -> float:
+    o = cfg.optim
+    if step < o.warmup:
+        return (step + 1) / o.warmup
+    if o.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - o.warmup) / max(1, cfg.train.steps - o.warmup))
+    return o.min_lr_frac + (1 - o.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """EMA of the parameters; buffers (the quantizer's prototypes, the EMA encoder) copied."""
+    e_params = [p for p in ema.parameters()]
+    m_params = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(e_params, m_params, 1 - decay)
+    for eb, mb in zip(ema.buffers(), model.buffers()):
+        eb.copy_(mb)
+    for (name, ep), mp in zip(ema.named_parameters(), model.parameters()):
+        if name.startswith("ema_encoder."):  # already an EMA: keep it exactly
+            ep.copy_(mp)
+
+
+class VAEEncoder:
+    """The frozen VAE of the vae variants: images -> latents scaled to unit variance."""
+
+    def __init__(self, folder: str, device: torch.device):
+        from .vae import load_vae
+
+        self.vae = load_vae(folder).to(device)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        from .vae import encode
+
+        return encode(self.vae, images)
+
+
+def prepare_run(cfg: Config, out: Path, resume: bool) -> tuple[Config, object]:
+    """Folder, tokenizer and vocabulary size of a run; refuses to clobber saved work."""
+    out = Path(out)
+    has_ckpt = bool(checkpoint.step_dirs(out / "checkpoints"))
+    if has_ckpt and not resume:
+        raise RunError(f"{out} already holds checkpoints; pass --resume to continue it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    tok_dir = out / "tokenizer"
+    if not tok_dir.exists():
+        init_tok = Path(cfg.train.init) / "tokenizer" if cfg.train.init else None
+        if init_tok is not None and init_tok.is_dir():
+            shutil.copytree(init_tok, tok_dir)
+        else:
+            build_world_tokenizer(tok_dir)
+    tok = load_tokenizer(tok_dir)
+    cfg = replace(cfg, model=replace(cfg.model, vocab_size=len(tok)))
+    return cfg, tok
+
+
+def init_weights_from(model: RFModel, path: str) -> dict:
+    """Start from another run's EMA weights (a vlm run for the generation variants)."""
+    try:
+        state, _ = checkpoint.load(Path(path))
+    except checkpoint.CheckpointError as e:
+        raise RunError(f"--init: {e}") from None
+    return model.init_from_vlm(state["ema"])
+
+
+def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = True,
+          minutes: float | None = None, device: str = "cpu") -> dict:
+    """Train a run to cfg.train.steps (or until `minutes` of wall time), checkpointing on the way.
+
+    Returns a summary: final step, last logged losses, wall time, tokens/s."""
+    out = Path(out)
+    validate(cfg)
+    cfg, tok = prepare_run(cfg, out, resume)
+    t = cfg.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    dev = torch.device(device)
+    torch.manual_seed(t.seed)
+    model = RFModel(cfg.model).to(dev)
+    init_report = None
+    if t.init and not resume:
+        init_report = init_weights_from(model, t.init)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=cfg.optim.betas, fused=False)
+    step = 0
+    if resume:
+        dirs = checkpoint.step_dirs(out / "checkpoints")
+        if dirs:
+            state, saved = checkpoint.load(dirs[-1])
+            if saved["model"] != cfg.to_json()["model"]:
+                raise RunError(f"--resume: the model config differs from the one saved in {dirs[-1]}")
+            model.load_state_dict(state["model"])
+            ema.load_state_dict(state["ema"])
+            opt.load_state_dict(state["optim"])
+            torch.set_rng_state(state["rng"])
+            step = state["step"]
+    (out / "config.json").write_text(json.dumps(cfg.to_json(), indent=1))
+    stream = ShapesStream(cfg.data, tok, layout_of(cfg.model))
+    vae = VAEEncoder(t.vae, dev) if cfg.model.variant.startswith("vae") else None
+    log = open(out / "log.jsonl", "a")
+    if init_report is not None and step == 0:
+        log.write(json.dumps({"init": t.init, **{k: len(v) for k, v in init_report.items()}}) + "\n")
+
+    def save():
+        state = {"model": model.state_dict(), "ema": ema.state_dict(), "optim": opt.state_dict(),
+                 "step": step, "rng": torch.get_rng_state()}
+        checkpoint.save(out / "checkpoints", step, state, cfg.to_json(), weights=ema.state_dict(), keep=t.keep)
+
+    start_time, last = time.time(), {}
+    tokens_seen, window_t, window_tok = 0, time.time(), 0
+    bar = tqdm(total=t.steps, initial=step, disable=not progress, desc=f"{cfg.model.variant}", dynamic_ncols=True)
+    model.train()
+    while step < t.steps:
+        if minutes is not None and time.time() - start_time > minutes * 60:
+            break
+        t0 = time.time()
+        batch = {k: v.to(dev) for k, v in stream.batch(step, t.batch_size).items()}
+        if vae is not None and batch["is_gen"].any():
+            batch["gen_x"] = vae(batch["images"])
+        for g in opt.param_groups:
+            g["lr"] = cfg.optim.lr * g["lr_mult"] * lr_factor(step, cfg)
+        with autocast(t.precision, dev):
+            losses = model(batch)
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip)
+        opt.step()
+        model.update_ema_encoder()
+        ema_update(ema, model, t.ema)
+        step += 1
+        n_tok = int((batch["kind"] != 0).sum())
+        tokens_seen += n_tok
+        window_tok += n_tok
+        bar.update(1)
+        if step % t.log_every == 0 or step == t.steps:
+            now = time.time()
+            row = {"step": step, "lr": opt.param_groups[0]["lr"] / opt.param_groups[0]["lr_mult"],
+                   "grad_norm": float(gnorm), "step_time": now - t0, "tokens_per_s": window_tok / (now - window_t)}
+            row.update({k: float(v.detach()) for k, v in losses.items()})
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            window_t, window_tok = now, 0
+            last = row
+            bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in row.items()
+                             if k.startswith("loss")} | {"tok/s": f"{row['tokens_per_s']:.0f}"})
+        if step % t.ckpt_every == 0 and step < t.steps:
+            save()
+    bar.close()
+    save()
+    log.close()
+    wall = time.time() - start_time
+    return {"step": step, "wall_s": wall, "tokens_per_s": tokens_seen / max(wall, 1e-9), "last": last,
+            "run": str(out)}
+
+
+def load_run_config(out: Path) -> Config:
+    path = Path(out) / "config.json"
+    if not path.exists():
+        raise RunError(f"--resume: no config.json in {out}")
+    return Config.from_json(json.loads(path.read_text()))
+
+
+__all__ = ["train", "load_run_config", "RunError", "ConfigError", "lr_factor", "param_groups", "ema_update"]

@@ -1,0 +1,252 @@
+"""The RF model: attention mask on a built batch, cached inference pieces, stage init, a smoke run
+per variant.  Run: pytest tests/test_rf.py"""
+
+import pytest
+import torch
+
+from repforce.rf import ENC, GEN, PAD, REP, TEXT, VARIANTS, ModelConfig, RFModel, attention_mask
+
+BOS, BOI, EOI, IMG_START, IMG_END, EOS = 1, 2, 3, 4, 5, 6  # special ids of the test vocabulary
+V = 32
+
+
+def tiny(variant="pixel_rf", **kw) -> ModelConfig:
+    vae = variant.startswith("vae")
+    base = dict(variant=variant, vocab_size=V, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16,
+                ffn_hidden=64, image_size=16, enc_dim=32, enc_layers=1, enc_heads=2, enc_patch=4,
+                gen_channels=4 if vae else 3, gen_size=4 if vae else 16, gen_patch=1 if vae else 4,
+                codebook_size=16, rep_dead_after=20, repa_layer=0, cont_width=32, cont_depth=1)
+    return ModelConfig(**{**base, **kw})
+
+
+def make_batch(cfg: ModelConfig, layout=("gen", "und", "gen", "und"), seed=0, drop_rep=None, prompt_lens=None):
+    """A batch to the contract of sequence.py: right-padded rows of generation / understanding samples."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda n: torch.randint(7, V, (n,), generator=g).tolist()  # noqa: E731
+    rows = []
+    for i, what in enumerate(layout):
+        if what == "gen":
+            n_prompt = prompt_lens[i] if prompt_lens else 2 + i
+            toks = [BOS, *rnd(n_prompt), BOI]
+            kinds = [TEXT] * len(toks)
+            m = cfg.n_rep if cfg.rep_slots else 0
+            toks += [0] * (m + cfg.n_gen) + [EOI]
+            kinds += [REP] * m + [GEN] * cfg.n_gen + [TEXT]
+            targets = [-100] * len(toks)
+        else:
+            question, answer = rnd(2), rnd(1 + i % 2)
+            toks = [BOS, IMG_START] + [0] * cfg.n_enc + [IMG_END] + question + answer + [EOS]
+            kinds = [TEXT, TEXT] + [ENC] * cfg.n_enc + [TEXT] * (2 + len(question) + len(answer))
+            targets = [-100] * len(toks)
+            first = len(toks) - len(answer) - 2  # the last question token predicts the first answer token
+            for j in range(first, len(toks) - 1):
+                targets[j] = toks[j + 1]
+        rows.append((toks, kinds, targets))
+    L = max(len(r[0]) for r in rows) + 2  # at least two pads everywhere
+    pad = lambda xs, v: xs + [v] * (L - len(xs))  # noqa: E731
+    B = len(layout)
+    images = torch.rand(B, 3, cfg.image_size, cfg.image_size, generator=g) * 2 - 1
+    is_gen = torch.tensor([w == "gen" for w in layout])
+    gen_x = images if cfg.variant.startswith("pixel") else torch.randn(
+        B, cfg.gen_channels, cfg.gen_size, cfg.gen_size, generator=g)
+    return {
+        "tokens": torch.tensor([pad(r[0], 0) for r in rows]),
+        "kind": torch.tensor([pad(r[1], PAD) for r in rows]),
+        "text_targets": torch.tensor([pad(r[2], -100) for r in rows]),
+        "images": images,
+        "gen_x": gen_x,
+        "is_gen": is_gen,
+        "drop_rep": torch.zeros(B, dtype=torch.bool) if drop_rep is None else torch.tensor(drop_rep),
+    }
+
+
+def build(variant="pixel_rf", seed=0, **kw):
+    torch.manual_seed(seed)
+    return RFModel(tiny(variant, **kw))
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_config_rejects_bad_values_naming_the_field():
+    with pytest.raises(ValueError, match="model.variant"):
+        tiny("pixel_rfx")
+    with pytest.raises(ValueError, match="model.image_size"):
+        tiny(image_size=18)
+    with pytest.raises(ValueError, match="model.gen_size"):
+        tiny("pixel", gen_size=8)
+    cfg = ModelConfig()  # the shapes-sized defaults
+    assert (cfg.n_enc, cfg.n_rep, cfg.n_gen) == (64, 16, 64)
+
+
+# ---------------------------------------------------------------- attention mask
+
+
+def test_mask_of_a_built_batch_forbids_exactly_what_it_must():
+    cfg = tiny()
+    batch = make_batch(cfg)
+    kind = batch["kind"]
+    B, L = kind.shape
+    pos = torch.arange(L).expand(B, L)
+    mask = attention_mask(kind, pos)[:, 0]  # (B, L, L)
+    for b in range(B):
+        k = kind[b].tolist()
+        valid = [j for j in range(L) if k[j] != PAD]
+        block = {what: [j for j in range(L) if k[j] == what] for what in (ENC, GEN)}
+        for i in range(L):
+            seen = set(mask[b, i].nonzero().flatten().tolist())
+            if k[i] in (TEXT, REP):  # causal: itself and everything valid before
+                expected = {j for j in valid if j <= i}
+            elif k[i] in (ENC, GEN):  # its whole block plus the causal prefix before the block
+                expected = set(block[k[i]]) | {j for j in valid if j < block[k[i]][0]}
+            else:  # padding: sees something (keeps SDPA finite), nobody sees it
+                assert seen
+                continue
+            assert seen == expected, (b, i, k[i])
+    # a pixel row never sees EOI; the encoder block never sees IMG_END after it
+    gen_row = batch["is_gen"].nonzero()[0, 0]
+    eoi = (batch["tokens"][gen_row] == EOI).nonzero()[0, 0]
+    assert not mask[gen_row, (kind[gen_row] == GEN).nonzero()[:, 0], eoi].any()
+
+
+def test_samples_and_padding_are_invisible_to_each_other():
+    model = build().eval()
+    batch = make_batch(model.cfg, layout=("und", "gen", "und"))
+    kind = batch["kind"]
+
+    def hidden(b):
+        torch.manual_seed(0)
+        h, aux = model.build_inputs(b)
+        return model.forward_hidden(h, kind, aux["positions"])
+
+    base = hidden(batch)
+    other = dict(batch, images=batch["images"].clone(), tokens=batch["tokens"].clone())
+    other["images"][2] = -other["images"][2]  # understanding sample 2: new image and question
+    other["tokens"][2, -6:] = torch.where(kind[2, -6:] == TEXT, 9, other["tokens"][2, -6:])
+    other["tokens"][kind == PAD] = 17  # junk in every pad slot
+    changed = hidden(other)
+    valid = kind != PAD
+    assert not torch.allclose(changed[2], base[2])
+    for b in (0, 1):
+        assert torch.allclose(changed[b][valid[b]], base[b][valid[b]], atol=1e-6)
+
+
+# ---------------------------------------------------------------- inference pieces
+
+
+@pytest.mark.parametrize("variant", ["pixel_rf", "pixel"])
+def test_cached_prefix_then_pixel_block_equals_full_forward(variant):
+    """Prefill text + rep, run the pixel block against the frozen cache (twice), compare with one full pass;
+    rep logits sampled step by step from the cache equal the full pass too."""
+    model = build(variant).eval()
+    batch = make_batch(model.cfg, layout=("gen", "gen"), prompt_lens=[3, 3])
+    kind = batch["kind"]
+    torch.manual_seed(0)
+    h, aux = model.build_inputs(batch)
+    pos = aux["positions"]
+    full = model.forward_hidden(h, kind, pos)
+    gen_at = (kind[0] == GEN).nonzero()[:, 0]
+    P, N = int(gen_at[0]), len(gen_at)
+    L = kind.shape[1]
+
+    cache = model.new_kv_cache(2, L)
+    boi = 5  # BOS + 3 prompt tokens, BOI at index 4: prefill through BOI, then each rep token alone
+    out = [model.forward_hidden(h[:, :boi], kind[:, :boi], pos[:, :boi], kv_cache=cache)]
+    for i in range(boi, P):
+        out.append(model.forward_hidden(h[:, i:i + 1], kind[:, i:i + 1], pos[:, i:i + 1], kv_cache=cache))
+    prefix = torch.cat(out, 1)
+    assert torch.allclose(prefix, full[:, :P], atol=1e-5)
+    if variant == "pixel_rf":
+        rep = slice(boi - 1, P - 1)  # BOI .. r_{M-1} predict r_1 .. r_M
+        assert torch.allclose(model.rep_logits(prefix[:, rep]), model.rep_logits(full[:, rep]), atol=1e-5)
+
+    blk = slice(P, P + N)
+    z2 = torch.randn(2, 3, 16, 16)
+    h2 = model.embed_gen(z2, torch.full((2,), 0.3))  # another ODE step's input
+    model.forward_hidden(h2, kind[:, blk], pos[:, blk], kv_cache=cache, commit=False)
+    again = model.forward_hidden(h[:, blk], kind[:, blk], pos[:, blk], kv_cache=cache, commit=False)
+    assert cache.length == P
+    assert torch.allclose(model.gen_pred(again), model.gen_pred(full[:, blk]), atol=1e-5)
+
+
+def test_embed_rep_drop_and_cells():
+    model = build()
+    ids = torch.randint(0, 16, (2, 4))
+    drop = torch.tensor([False, True])
+    x = model.embed_rep(ids, drop=drop)
+    assert torch.allclose(x[1], model.null_rep + model.rep_pos)  # M copies of one null embedding, positions kept
+    assert torch.allclose(model.embed_rep(ids[:, 2:3], start=2), model.embed_rep(ids)[:, 2:3])  # one step of decoding
+
+
+# ---------------------------------------------------------------- stages and gradients
+
+
+def test_init_from_vlm_copies_the_understanding_expert():
+    vlm = build("vlm", seed=1)
+    model = build("pixel_rf", seed=2)
+    report = model.init_from_vlm({"_orig_mod." + k: v for k, v in vlm.state_dict().items()})
+    sd, vsd = model.state_dict(), vlm.state_dict()
+    for e in range(3):
+        assert torch.equal(sd[f"backbone.layers.1.mlp.experts.{e}.down_proj.weight"],
+                           vsd["backbone.layers.1.mlp.experts.0.down_proj.weight"])
+    for name in ("encoder.blocks.0.qkv.weight", "connector.fc1.weight", "backbone.embed_tokens.weight",
+                 "lm_head.weight"):
+        assert torch.equal(sd[name], vsd[name]) and name in report["loaded"]
+    assert torch.equal(sd["ema_encoder.blocks.0.qkv.weight"], vsd["encoder.blocks.0.qkv.weight"])
+    assert {"gen_embed.weight", "rep_embed.weight", "quantizer.prototypes"} <= set(report["fresh"])
+    assert "backbone.layers.0.mlp.experts.2.up_proj.weight" in report["copied"]
+
+
+@pytest.mark.parametrize("variant", ["pixel_rf", "pixel_cont", "pixel_repa"])
+def test_encoder_is_trained_by_understanding_only(variant):
+    model = build(variant).train()
+    model(make_batch(model.cfg, layout=("gen", "gen")))["loss"].backward()
+    assert all(p.grad is None for p in model.encoder.parameters())
+    assert all(p.grad is None for p in model.ema_encoder.parameters())
+    model.zero_grad()
+    torch.nn.init.normal_(model.lm_head.weight, std=0.02)  # zero at init: no gradient would reach the encoder
+    model(make_batch(model.cfg, layout=("gen", "und")))["loss"].backward()
+    assert model.encoder.patch_embed.weight.grad.abs().sum() > 0
+
+
+def test_drop_rep_removes_the_rep_loss_of_that_sample():
+    model = build().eval()
+    batch = make_batch(model.cfg, layout=("gen", "gen"), drop_rep=[True, True])
+    out = model(batch)
+    assert out["loss_rep"] == 0 and out["loss_fm"] > 0
+
+
+# ---------------------------------------------------------------- smoke: every loss term falls
+
+
+def losses(model, batch):
+    model.eval()
+    torch.manual_seed(123)  # same noise, times and dropout for the before / after comparison
+    with torch.no_grad():
+        out = model(batch)
+    model.train()
+    return {k: v.item() for k, v in out.items() if k.startswith("loss")}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_smoke_every_loss_term_falls(variant):
+    model = build(variant, rep_momentum=0.9)
+    layout = ("und", "und") if variant == "vlm" else ("gen", "und", "gen", "und")
+    batch = make_batch(model.cfg, layout=layout, drop_rep=[False, False, True, False][:len(layout)])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, betas=(0.9, 0.95))
+    before = losses(model, batch)
+    for _ in range(40):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(batch)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        model.update_ema_encoder()
+    after = losses(model, batch)
+    assert set(before) == {"loss", "loss_lm"} | {
+        "pixel": {"loss_fm"}, "vae": {"loss_fm"}, "vlm": set(), "pixel_rf": {"loss_rep", "loss_fm"},
+        "vae_rf": {"loss_rep", "loss_fm"}, "pixel_repa": {"loss_fm", "loss_repa"},
+        "pixel_cont": {"loss_cont", "loss_fm"}}[variant]
+    for k in before:
+        assert after[k] < before[k], (k, before[k], after[k])

@@ -1,0 +1,136 @@
+import json
+
+import pytest
+import torch
+
+from repforce import checkpoint
+from repforce import config as C
+from repforce.cli import main
+from repforce.train import train
+
+
+def tiny(variant, **train_kw):
+    cfg = C.preset("tiny", variant)
+    return C.override(cfg, [f"train.{k}={v}" for k, v in train_kw.items()])
+
+
+def losses(run):
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if '"step"' in line]
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    from repforce.vae import train_vae
+
+    d = tmp_path_factory.mktemp("vae")
+    train_vae(d, steps=3, batch_size=4, progress=False)
+    return d
+
+
+def test_bad_config_values_name_the_field():
+    with pytest.raises(C.ConfigError, match="model.variant='pixl'"):
+        C.preset("tiny", "pixl")
+    with pytest.raises(C.ConfigError, match="train.steps=-1"):
+        C.validate(tiny("pixel", steps=-1))
+    with pytest.raises(C.ConfigError, match="image_size"):
+        C.override(C.preset("tiny", "pixel"), ["model.image_size=30"])
+    with pytest.raises(C.ConfigError, match="no field 'dimm'"):
+        C.override(C.preset("tiny", "pixel"), ["model.dimm=3"])
+    with pytest.raises(C.ConfigError, match="not a valid int"):
+        C.override(C.preset("tiny", "pixel"), ["model.dim=big"])
+    with pytest.raises(C.ConfigError, match="train.vae"):
+        C.validate(C.preset("tiny", "vae"))
+    assert C.override(C.preset("tiny", "pixel"), ["optim.betas=0.9,0.99"]).optim.betas == (0.9, 0.99)
+
+
+def test_cli_rejects_before_work(tmp_path, capsys):
+    assert main(["train", "--preset", "tiny", "--variant", "nope", "--out", str(tmp_path / "r")]) == 2
+    assert "model.variant='nope'" in capsys.readouterr().err
+    assert main(["train", "--preset", "tiny", "--steps", "-3", "--out", str(tmp_path / "r")]) == 2
+    assert "train.steps=-3" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_config_round_trip():
+    cfg = C.preset("shapes", "vae_rf")
+    assert C.Config.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
+    assert cfg.model.n_gen == C.preset("shapes", "pixel").model.n_gen == 64  # latent tokens match pixel tokens
+
+
+@pytest.mark.parametrize("variant", ["vlm", "pixel", "pixel_rf", "vae", "vae_rf", "pixel_repa", "pixel_cont"])
+def test_every_loss_term_falls(variant, tmp_path, tiny_vae):
+    kw = {"vae": str(tiny_vae)} if variant.startswith("vae") else {}
+    cfg = tiny(variant, steps=60, log_every=1, ckpt_every=1000, **kw)
+    cfg = C.override(cfg, ["optim.schedule=constant"])
+    train(cfg, tmp_path, progress=False)
+    rows = losses(tmp_path)
+    terms = [k for k in rows[0] if k.startswith("loss_")]
+    expected = {"vlm": {"loss_lm"}, "pixel": {"loss_lm", "loss_fm"}, "pixel_rf": {"loss_lm", "loss_fm", "loss_rep"},
+                "vae": {"loss_lm", "loss_fm"}, "vae_rf": {"loss_lm", "loss_fm", "loss_rep"},
+                "pixel_repa": {"loss_lm", "loss_fm", "loss_repa"}, "pixel_cont": {"loss_lm", "loss_fm", "loss_cont"}}
+    assert set(terms) == expected[variant]
+    for k in terms:
+        first = sum(r[k] for r in rows[:8]) / 8
+        last = sum(r[k] for r in rows[-8:]) / 8
+        assert last < first, (k, first, last)
+
+
+def test_resume_is_bit_for_bit(tmp_path):
+    straight, halves = tmp_path / "a", tmp_path / "b"
+    cfg = tiny("pixel_rf", steps=12, log_every=1, ckpt_every=6)
+    train(cfg, straight, progress=False)
+    train(C.override(cfg, ["train.steps=6"]), halves, progress=False)
+    with pytest.raises(Exception, match="already holds checkpoints"):
+        train(cfg, halves, progress=False)  # never clobbers saved work
+    train(cfg, halves, resume=True, progress=False)
+    a = [r["loss"] for r in losses(straight)]
+    b = [r["loss"] for r in losses(halves)]
+    assert len(a) == len(b) == 12
+    assert a == b
+    sa, _ = checkpoint.load(straight)
+    sb, _ = checkpoint.load(halves)
+    for k, v in sa["ema"].items():
+        assert torch.equal(v, sb["ema"][k]), k
+
+
+def test_kill_during_save_keeps_previous(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    checkpoint.save(root, 5, {"x": torch.ones(2), "step": 5}, {"a": 1})
+    real = torch.save
+
+    def dying(obj, f, *a, **k):
+        real(obj, f, *a, **k)
+        raise KeyboardInterrupt  # killed right after the state was written
+
+    monkeypatch.setattr(torch, "save", dying)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(root, 10, {"x": torch.zeros(2), "step": 10}, {"a": 2})
+    monkeypatch.setattr(torch, "save", real)
+    assert [d.name for d in checkpoint.step_dirs(root)] == ["step_00000005"]
+    state, cfg = checkpoint.load(root)
+    assert state["step"] == 5 and cfg == {"a": 1}
+    checkpoint.save(root, 10, {"step": 10}, {}, keep=1)  # the next good save cleans the leftover
+    assert [d.name for d in root.iterdir()] == ["step_00000010"]
+
+
+def test_missing_and_broken_checkpoints(tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match="no such"):
+        checkpoint.load(tmp_path / "nope")
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint in"):
+        checkpoint.load(tmp_path)
+    d = tmp_path / "checkpoints" / "step_00000001"
+    d.mkdir(parents=True)
+    (d / "state.pt").write_bytes(b"garbage")
+    (d / "config.json").write_text("{}")
+    with pytest.raises(checkpoint.CheckpointError, match="unreadable checkpoint"):
+        checkpoint.load(tmp_path)
+
+
+def test_init_from_vlm_copies_experts(tmp_path):
+    vlm = tmp_path / "vlm"
+    train(tiny("vlm", steps=3), vlm, progress=False)
+    run = tmp_path / "rf"
+    train(tiny("pixel_rf", steps=2, init=str(vlm)), run, progress=False)
+    info = json.loads((run / "log.jsonl").read_text().splitlines()[0])
+    assert info["init"] == str(vlm) and info["loaded"] > 0 and info["copied"] > 0
+    assert (run / "tokenizer" / "tokenizer.json").read_text() == (vlm / "tokenizer" / "tokenizer.json").read_text()
