@@ -62,8 +62,8 @@ def cmd_eval_shapes(args) -> None:
     from . import shapeseval
 
     try:
-        report = shapeseval.evaluate(Path(args.images), args.n, args.canvas)
-    except shapeseval.EvalError as e:
+        report = shapeseval.evaluate(Path(args.images), args.n, args.canvas, args.per_category)
+    except (shapeseval.EvalError, ValueError) as e:
         raise UserError(str(e)) from None
     out = Path(args.out) if args.out else Path(args.images) / "results.json"
     out.write_text(json.dumps(report.to_json(), indent=1))
@@ -120,6 +120,88 @@ def cmd_train_vae(args) -> None:
           f"latent scale {meta['scaling_factor']:.3f}; saved to {args.out}")
 
 
+def _engine(args):
+    from . import engine as E
+
+    try:
+        return E.load(args.ckpt, ema=not args.raw_weights)
+    except E.InferenceError as e:
+        raise UserError(str(e)) from None
+
+
+def _gen_options(args):
+    from .engine import GenOptions
+
+    interval = tuple(float(x) for x in args.interval.split(","))
+    if len(interval) != 2:
+        raise UserError(f"--interval={args.interval!r}: expected lo,hi")
+    return GenOptions(steps=args.steps, solver=args.solver, shift=args.shift, cfg=args.cfg, interval=interval,
+                      rep_cfg=args.rep_cfg, rep_temperature=args.temperature, rep_top_k=args.top_k)
+
+
+def cmd_generate(args) -> None:
+    from PIL import Image
+
+    from . import engine as E
+    from .evaluate import write_shapeseval
+
+    if bool(args.prompt) == bool(args.prompts):
+        raise UserError("give --prompt TEXT (repeatable) or --prompts shapeseval")
+    if args.prompts and args.prompts != "shapeseval":
+        raise UserError(f"--prompts={args.prompts!r}: the only prompt set is 'shapeseval'")
+    if args.n < 1:
+        raise UserError(f"--n={args.n}: must be >= 1")
+    eng = _engine(args)
+    out = Path(args.out)
+    try:
+        opts = _gen_options(args)
+        if args.prompts:
+            write_shapeseval(eng, out, args.n, opts, args.seed, args.per_category)
+            print(f"wrote ShapesEval images to {out}; score them with: repforce eval shapes --images {out} --n {args.n}"
+                  + (f" --per-category {args.per_category}" if args.per_category != 60 else ""))
+            return
+        arr, _ = eng.generate_arrays(args.prompt, args.n, args.seed, opts, progress=True)
+    except E.InferenceError as e:
+        raise UserError(str(e)) from None
+    out.mkdir(parents=True, exist_ok=True)
+    for i, a in enumerate(arr):
+        Image.fromarray(a).save(out / f"{i // args.n:03d}_{i % args.n:02d}.png")
+    (out / "prompts.json").write_text(json.dumps(args.prompt, indent=1))
+    print(f"wrote {len(arr)} images to {out}")
+
+
+def cmd_answer(args) -> None:
+    from . import engine as E
+
+    if not args.caption and not args.question:
+        raise UserError("give --question TEXT or --caption")
+    eng = _engine(args)
+    try:
+        if args.caption:
+            print(eng.caption([args.image])[0])
+        else:
+            print(eng.answer([args.image], [args.question])[0])
+    except E.InferenceError as e:
+        raise UserError(str(e)) from None
+
+
+def cmd_demo(args) -> None:
+    from . import config as C
+    from .demo import demo
+    from .train import RunError
+
+    try:
+        s = demo(args.out, args.minutes, args.preset, args.seed, args.per_category, progress=not args.quiet,
+                 overrides=args.set)
+    except (RunError, C.ConfigError) as e:
+        raise UserError(str(e)) from None
+    sc = s["shapeseval"]
+    print(f"\ndemo done in {s['wall_s'] / 60:.1f} min (vlm {s['steps']['vlm']} steps, pixel_rf {s['steps']['pixel_rf']} steps)")
+    print("ShapesEval " + " ".join(f"{k}={v:.2f}" for k, v in sc.items()))
+    print(f"VQA accuracy {s['vqa']:.3f}, caption exact match {s['caption_exact_match']:.3f}")
+    print(f"report: {s['report']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="repforce", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -145,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--canvas", type=int, default=32)
     es.add_argument("--out", help="results JSON (default: IMAGES/results.json)")
     es.add_argument("--strict", action="store_true", help="exit non-zero when any image is missing or unusable")
+    es.add_argument("--per-category", dest="per_category", type=int, default=60, help="score the first k prompts per category")
     es.set_defaults(func=cmd_eval_shapes)
 
     t = sub.add_parser("train", help="train a model (any variant)")
@@ -163,6 +246,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config field, e.g. --set model.dim=128 (repeatable)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
+
+    g = sub.add_parser("generate", help="draw images from prompts")
+    g.add_argument("--ckpt", required=True, help="run folder or checkpoint folder")
+    g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    g.add_argument("--prompts", help="a prompt set: shapeseval (writes the eval layout)")
+    g.add_argument("--n", type=int, default=4, help="images per prompt")
+    g.add_argument("--out", required=True)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=int, default=25, help="ODE steps")
+    g.add_argument("--solver", default="euler", choices=("euler", "heun"))
+    g.add_argument("--shift", type=float, help="timestep shift (default: 32 / image side)")
+    g.add_argument("--cfg", type=float, default=3.0, help="pixel guidance weight")
+    g.add_argument("--interval", default="0,1", help="guidance interval lo,hi in t")
+    g.add_argument("--rep-cfg", dest="rep_cfg", type=float, default=2.0, help="rep-token guidance weight")
+    g.add_argument("--temperature", type=float, default=1.0, help="rep-token temperature")
+    g.add_argument("--top-k", dest="top_k", type=int, default=0, help="rep-token top-k (0 = all)")
+    g.add_argument("--per-category", dest="per_category", type=int, default=60, help="shapeseval: first k prompts per category")
+    g.add_argument("--raw-weights", dest="raw_weights", action="store_true", help="sample from the raw weights, not the EMA")
+    g.set_defaults(func=cmd_generate)
+
+    an = sub.add_parser("answer", help="answer a question about an image (or caption it)")
+    an.add_argument("--ckpt", required=True)
+    an.add_argument("--image", required=True)
+    an.add_argument("--question")
+    an.add_argument("--caption", action="store_true")
+    an.add_argument("--raw-weights", dest="raw_weights", action="store_true")
+    an.set_defaults(func=cmd_answer)
+
+    d = sub.add_parser("demo", help="train pixel_rf (after a vlm stage) in bounded time and write report.html")
+    d.add_argument("--minutes", type=float, default=10.0, help="wall-time budget, training and evaluation together")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--preset", default="shapes")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--per-category", dest="per_category", type=int, default=10, help="ShapesEval prompts per category")
+    d.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=cmd_demo)
 
     v = sub.add_parser("train-vae", help="train the frozen VAE of the vae variants")
     v.add_argument("--out", required=True)

@@ -79,6 +79,7 @@ class Engine:
         c = self.cfg
         self.layout = Layout(c.n_enc, c.n_rep if c.rep_slots else 0, c.n_gen)
         self.max_len = 512
+        self.null_prompt = ""  # the text-dropped branch's prompt (training drops text to the empty prompt)
 
     def _autocast(self):
         from .train import autocast
@@ -119,7 +120,7 @@ class Engine:
         """Rep values of each row: ids (B, M) or continuous features (B, M, De)."""
         m, tok, c = self.model, self.tok, self.cfg
         B, M = len(prompts), c.n_rep
-        rows = [gen_prefix(tok, p) for p in prompts] + [gen_prefix(tok, "")] * B  # cond rows, then text-dropped
+        rows = [gen_prefix(tok, p) for p in prompts] + [gen_prefix(tok, self.null_prompt)] * B  # cond, then text-dropped
         tokens, kind, pos = _left_pad(rows, [[TEXT] * len(r) for r in rows])
         tokens, kind, pos = tokens.to(self.device), kind.to(self.device), pos.to(self.device)
         next_pos = pos[:, -1:] + 1  # (2B, 1)
@@ -161,7 +162,7 @@ class Engine:
         """Embeddings, kinds and positions of [cond rows; uncond rows] up to the gen block."""
         m, tok = self.model, self.tok
         B = len(prompts)
-        rows = [gen_prefix(tok, p) for p in prompts] + [gen_prefix(tok, "")] * B
+        rows = [gen_prefix(tok, p) for p in prompts] + [gen_prefix(tok, self.null_prompt)] * B
         M = self.layout.n_rep
         kinds = [[TEXT] * len(r) + [REP] * M for r in rows]
         rows = [r + [0] * M for r in rows]

@@ -109,14 +109,19 @@ def category_space(category: str) -> list[tuple[str, tuple[dict, ...], tuple[dic
 
 def prompts(per_category: int = PER_CATEGORY) -> list[Prompt]:
     """The fixed prompt set: per category, its distinct prompts shuffled by PROMPT_SEED and
-    cycled to `per_category` (small categories repeat texts; each repeat is its own prompt)."""
+    cycled to PER_CATEGORY (small categories repeat texts; each repeat is its own prompt).
+
+    A smaller `per_category` takes the first prompts of each category, keeping their
+    indices, so a quick evaluation is a subset of the full one."""
+    if not 1 <= per_category <= PER_CATEGORY:
+        raise ValueError(f"per_category must be in [1, {PER_CATEGORY}], got {per_category}")
     out: list[Prompt] = []
     for ci, cat in enumerate(CATEGORIES):
         space = category_space(cat)
         order = np.random.default_rng([PROMPT_SEED, ci]).permutation(len(space))
         for k in range(per_category):
             text, inc, exc, rel = space[order[k % len(space)]]
-            out.append(Prompt(len(out), cat, text, inc, exc, rel))
+            out.append(Prompt(ci * PER_CATEGORY + k, cat, text, inc, exc, rel))
     return out
 
 
@@ -304,7 +309,7 @@ def evaluate(folder: Path, n: int = 4, canvas: int = 32, per_category: int = PER
         if child.name not in known and child.name != "results.json":
             problems["extra"].append(str(child))
     if not any((folder / name).is_dir() for name in known):
-        raise EvalError(f"{folder} holds none of the {len(plist)} prompt folders 00000..{len(plist) - 1:05d}; "
+        raise EvalError(f"{folder} holds none of the {len(plist)} prompt folders (00000 ..); "
                         "see the layout in repforce.shapeseval")
     rows, per_cat = [], {c: [] for c in CATEGORIES}
     for p in plist:
@@ -349,7 +354,7 @@ def evaluate(folder: Path, n: int = 4, canvas: int = 32, per_category: int = PER
 
 def score_images(images: dict[tuple[int, int], np.ndarray], per_category: int = PER_CATEGORY) -> Report:
     """Score in-memory images keyed by (prompt index, k); used by tests and the trainer."""
-    plist = prompts(per_category)
+    plist = {p.index: p for p in prompts(per_category)}
     rows, per_cat = [], {c: [] for c in CATEGORIES}
     for (idx, k), img in sorted(images.items()):
         p = plist[idx]

@@ -225,7 +225,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip)
         opt.step()
         model.update_ema_encoder()
-        ema_update(ema, model, t.ema)
+        ema_update(ema, model, min(t.ema, (1 + step) / (10 + step)))  # warmup: early weights fade fast
         step += 1
         n_tok = int((batch["kind"] != 0).sum())
         tokens_seen += n_tok

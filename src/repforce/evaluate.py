@@ -1,0 +1,67 @@
+"""Evaluate a model: generate the ShapesEval prompts in the eval layout and score them, and
+measure VQA accuracy and caption exact match on held-out scenes.
+
+    repforce generate --ckpt runs/pixel_rf --prompts shapeseval --out runs/pixel_rf/shapeseval
+    repforce eval shapes --images runs/pixel_rf/shapeseval
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from . import metrics, shapeseval, world
+from .engine import Engine, GenOptions
+
+
+def write_shapeseval(engine: Engine, out: str | Path, n: int = 4, options: GenOptions | None = None, seed: int = 0,
+                     per_category: int = shapeseval.PER_CATEGORY, batch_size: int = 64,
+                     progress: bool = True) -> dict[tuple[int, int], np.ndarray]:
+    """Generate n images for every ShapesEval prompt into `out` (the eval layout); also
+    returns them keyed by (prompt index, k). Prompts go batch_size // n at a time, the
+    batch starting at prompt i seeded with seed + i, so a rerun with the same batch
+    size reproduces every image."""
+    out = Path(out)
+    images: dict[tuple[int, int], np.ndarray] = {}
+    plist = shapeseval.prompts(per_category)
+    per_batch = max(1, batch_size // n)
+    for s in tqdm(range(0, len(plist), per_batch), desc="shapeseval", disable=not progress):
+        chunk = plist[s:s + per_batch]
+        arr, _ = engine.generate_arrays([p.text for p in chunk], n, seed + s, options, batch_size=len(chunk) * n)
+        for j, p in enumerate(chunk):
+            folder = out / f"{p.index:05d}"
+            (folder / "samples").mkdir(parents=True, exist_ok=True)
+            (folder / "metadata.json").write_text(json.dumps(p.to_json()))
+            for k in range(n):
+                a = arr[j * n + k]
+                Image.fromarray(a).save(folder / "samples" / f"{k:04d}.png")
+                images[(p.index, k)] = a
+    return images
+
+
+def vqa(engine: Engine, n: int = 200, canvas: int = 32, batch_size: int = 50) -> dict:
+    """VQA exact-match accuracy on n fixed held-out questions, overall and per question kind."""
+    items = metrics.heldout_vqa(n, canvas)
+    preds: list[str] = []
+    for s in range(0, n, batch_size):
+        chunk = items[s:s + batch_size]
+        preds += engine.answer([world.render(sc) for sc, _, _ in chunk], [q for _, q, _ in chunk], max_new_tokens=8)
+    truths = [a for _, _, a in items]
+    kinds: dict[str, list[bool]] = {}
+    for (_, q, a), p in zip(items, preds):
+        kind = q.split()[0] + " " + q.split()[1]  # "what color", "how many", "what shape", "is there"
+        kinds.setdefault(kind, []).append(metrics.exact_match(p, a))
+    return {"accuracy": metrics.vqa_accuracy(preds, truths), "n": n,
+            "by_kind": {k: float(np.mean(v)) for k, v in sorted(kinds.items())},
+            "examples": [{"q": q, "truth": a, "pred": p} for (_, q, a), p in list(zip(items, preds))[:12]]}
+
+
+def captions(engine: Engine, n: int = 100, canvas: int = 32) -> dict:
+    items = metrics.heldout_captions(n, canvas)
+    preds = engine.caption([world.render(s) for s, _ in items], max_new_tokens=40)
+    return {"exact_match": metrics.caption_exact_match(preds, [c for _, c in items]), "n": n,
+            "examples": [{"truth": c, "pred": p} for (_, c), p in list(zip(items, preds))[:6]]}

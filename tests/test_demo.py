@@ -1,0 +1,21 @@
+import json
+
+import pytest
+
+from repforce.demo import demo
+from repforce.train import RunError
+
+
+def test_demo_writes_a_report(tmp_path):
+    out = tmp_path / "demo"
+    s = demo(out, minutes=0.15, preset="tiny", per_category=1, vqa_n=10, progress=False)
+    html = (out / "report.html").read_text()
+    for section in ("Training", "ShapesEval", "Understanding", "Gallery", "Reproduce", "Resolved config"):
+        assert f">{section}<" in html or section in html
+    assert html.count("data:image/png;base64,") >= 1 + 2 * 18  # curves + 18 gallery images with rep maps
+    assert s["steps"]["vlm"] > 0 and s["steps"]["pixel_rf"] > 0
+    assert set(s["shapeseval"]) >= {"overall", "counting", "position"}
+    assert json.loads((out / "summary.json").read_text())["report"] == str(out / "report.html")
+    assert len(list((out / "shapeseval").glob("*/samples/*.png"))) == 6 * 2
+    with pytest.raises(RunError, match="already exists"):
+        demo(out, minutes=0.1, preset="tiny", progress=False)

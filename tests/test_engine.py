@@ -1,0 +1,121 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from repforce import config as C
+from repforce import engine as E
+from repforce.train import train
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for v in ("pixel_rf", "pixel", "pixel_cont", "vlm"):
+        cfg = C.override(C.preset("tiny", v), ["train.steps=4", "train.ckpt_every=100", "train.precision=fp32"])
+        train(cfg, root / v, progress=False)
+        out[v] = root / v
+    return out
+
+
+def _randomize(engine):
+    # a trained-for-4-steps model has zero heads; give every weight some signal so the
+    # comparisons below are between non-trivial computations
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in engine.model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return engine
+
+
+@pytest.fixture(scope="module")
+def rf(runs):
+    return _randomize(E.load(runs["pixel_rf"], precision="fp32"))
+
+
+def test_same_seed_same_image(rf):
+    a, ra = rf.generate_arrays(["a red circle", "two squares"], n=2, seed=3, options=E.GenOptions(steps=4))
+    b, rb = rf.generate_arrays(["a red circle", "two squares"], n=2, seed=3, options=E.GenOptions(steps=4))
+    c, _ = rf.generate_arrays(["a red circle", "two squares"], n=2, seed=4, options=E.GenOptions(steps=4))
+    assert a.shape == (4, 32, 32, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and np.array_equal(ra, rb)
+    assert not np.array_equal(a, c)
+    assert ra.shape == (4, rf.cfg.n_rep) and ra.max() < rf.cfg.codebook_size
+
+
+@pytest.mark.parametrize("variant", ["pixel_rf", "pixel", "pixel_cont"])
+def test_cached_equals_uncached(runs, variant):
+    eng = _randomize(E.load(runs[variant], precision="fp32"))
+    opts = dict(steps=3, rep_temperature=0.0)
+    gen = lambda cache: eng.generate_arrays(["a blue square", "three circles and more words"], n=2, seed=1,  # noqa: E731
+                                            options=E.GenOptions(use_cache=cache, **opts))
+    (a, ra), (b, rb) = gen(True), gen(False)
+    if ra is not None:
+        assert np.allclose(ra, rb, atol=1e-4)
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # equal up to rounding to uint8
+
+
+def test_cached_rep_logits_equal_uncached(rf):
+    # logits of the cached step-by-step decode against a full forward over the same ids
+    m = rf.model
+    ids = torch.randint(0, rf.cfg.codebook_size, (2, rf.cfg.n_rep))
+    rows = [E.gen_prefix(rf.tok, p) for p in ("a red circle", "two big blue squares")]
+    tokens, kind, pos = E._left_pad(rows, [[E.TEXT] * len(r) for r in rows])
+    with torch.no_grad():
+        full_h = torch.cat([m.embed_text(tokens), m.embed_rep(ids)], 1)
+        full_k = torch.cat([kind, torch.full_like(ids, E.REP)], 1)
+        full_p = torch.cat([pos, pos[:, -1:] + 1 + torch.arange(ids.shape[1])], 1)
+        ref = m.rep_logits(m.forward_hidden(full_h, full_k, full_p))[:, tokens.shape[1] - 1:-1]
+        cache, hid = rf._prefill(m.embed_text(tokens), kind, pos, ids.shape[1])
+        got = [m.rep_logits(hid[:, -1])]
+        for i in range(ids.shape[1] - 1):
+            h = m.forward_hidden(m.embed_rep(ids[:, i:i + 1], start=i), torch.full((2, 1), E.REP),
+                                 pos[:, -1:] + 1 + i, kv_cache=cache)
+            got.append(m.rep_logits(h[:, -1]))
+    assert torch.allclose(torch.stack(got, 1), ref, atol=1e-4)
+
+
+def test_guidance_one_is_the_conditional_branch(rf):
+    opts = E.GenOptions(steps=3, cfg=1.0, rep_cfg=1.0)
+    a, ra = rf.generate_arrays(["a green triangle"], n=2, seed=0, options=opts)
+    rf.null_prompt = "four red squares"  # change what the unconditional branch sees
+    try:
+        b, rb = rf.generate_arrays(["a green triangle"], n=2, seed=0, options=opts)
+        c, _ = rf.generate_arrays(["a green triangle"], n=2, seed=0, options=E.GenOptions(steps=3, cfg=3.0, rep_cfg=1.0))
+    finally:
+        rf.null_prompt = ""
+    d, _ = rf.generate_arrays(["a green triangle"], n=2, seed=0, options=E.GenOptions(steps=3, cfg=3.0, rep_cfg=1.0))
+    assert np.array_equal(ra, rb)
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    assert np.abs(c.astype(int) - d.astype(int)).max() > 1  # at w=3 the other branch matters
+
+
+def test_heun_and_shift_run(rf):
+    imgs = rf.generate(["a circle"], n=1, steps=2, solver="heun", shift=0.5, interval=(0.1, 0.9))
+    assert len(imgs) == 1 and imgs[0].size == (32, 32)
+
+
+def test_answer_cached_equals_uncached(runs):
+    eng = _randomize(E.load(runs["vlm"], precision="fp32"))
+    img = np.full((32, 32, 3), 240, np.uint8)
+    qs = ["what color is the circle?", "how many squares are there?"]
+    a = eng.answer([img, Image.fromarray(img)], qs, max_new_tokens=6)
+    b = eng.answer([img, img], qs, max_new_tokens=6, use_cache=False)
+    assert a == b and all(isinstance(x, str) for x in a)
+    assert len(eng.caption([img])) == 1
+
+
+def test_bad_input_is_one_line(runs, rf, tmp_path):
+    with pytest.raises(E.InferenceError, match="no such checkpoint"):
+        E.load(tmp_path / "missing")
+    with pytest.raises(E.InferenceError, match="empty prompt"):
+        rf.generate([""])
+    with pytest.raises(E.InferenceError, match="prompt too long"):
+        rf.generate(["red " * 600])
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG broken")
+    with pytest.raises(E.InferenceError, match="unreadable image"):
+        rf.answer([bad], ["what is this?"])
+    with pytest.raises(E.InferenceError, match="does not generate"):
+        E.load(runs["vlm"]).generate(["a red circle"])
