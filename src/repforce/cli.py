@@ -202,6 +202,19 @@ def cmd_demo(args) -> None:
     print(f"report: {s['report']}")
 
 
+def cmd_study(args) -> None:
+    from .study import BUDGETS, ablation
+    from .study_report import write_results_md
+
+    if args.budget not in BUDGETS:
+        raise UserError(f"--budget={args.budget!r}: must be one of {tuple(BUDGETS)}")
+    if args.what == "ablation":
+        done = ablation(args.budget, args.runs, args.results, progress=not args.quiet, only=args.only)
+        print(f"{len(done)} variant runs recorded in {args.results}/{args.budget}")
+    out = write_results_md(args.budget, Path(args.results), Path(args.results).parent / "RESULTS.md")
+    print(f"wrote {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="repforce", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -283,6 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
+
+    st = sub.add_parser("study", help="the paper's ablation on the shapes world (resumable)")
+    st.add_argument("what", choices=("ablation", "report"))
+    st.add_argument("--budget", default="quick", help="quick (< 30 min) or full (hours)")
+    st.add_argument("--runs", default="runs/study", help="where the run folders go")
+    st.add_argument("--results", default="docs/results", help="where the result JSONs go (checked in)")
+    st.add_argument("--only", nargs="+", help="run only these variant runs (names as in the plan)")
+    st.add_argument("--quiet", action="store_true")
+    st.set_defaults(func=cmd_study)
 
     v = sub.add_parser("train-vae", help="train the frozen VAE of the vae variants")
     v.add_argument("--out", required=True)

@@ -66,7 +66,7 @@ def loss_figure(runs: dict[str, Path]):
                 ax.plot(s, v, label=name, lw=1.2, color=f"C{list(logs).index(name)}")
         ax.set_title(term)
         ax.set_xlabel("step")
-        if term.startswith("loss"):
+        if term.startswith("loss") and term != "loss_repa":  # REPA's loss is a negative cosine
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     handles = {}

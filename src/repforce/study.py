@@ -1,0 +1,155 @@
+"""The ablation study of the paper's Table 3 on the shapes world, resumable run by run.
+
+    repforce study ablation --budget quick      # under 30 minutes on 2 CPU cores, wide error bars
+    repforce study ablation --budget full       # hours; rerun the same command to continue
+    repforce study report                       # rebuild docs/RESULTS.md from docs/results/*.json
+
+Protocol (DESIGN.md): one `vlm` run shared by every variant, one VAE for the `vae`
+variants (its cost reported apart), then every variant from the same vlm weights with
+the same data, steps and batch. The four main variants run with several seeds; REPA,
+continuous tokens and the codebook sweep with one. Each finished run writes
+docs/results/<name>.json (scores, curves, config, git commit, wall time); a rerun skips
+what is there, so the study survives being stopped at any point.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import config as C
+from . import evaluate, shapeseval
+from .engine import GenOptions, load
+from .report import read_log
+
+MAIN = ("pixel", "pixel_rf", "vae", "vae_rf")
+PAPER = {"pixel": 0.25, "pixel_rf": 0.76, "vae": 0.52, "vae_rf": 0.77, "pixel_repa": 0.43, "pixel_cont": 0.26}
+
+
+@dataclass(frozen=True)
+class Budget:
+    vlm_steps: int  # steps of the shared vlm run
+    vae_steps: int  # steps of the VAE
+    steps: int  # steps of every variant
+    batch_size: int  # samples per step, every run
+    seeds: tuple[int, ...]  # seeds of the four main variants
+    codebooks: tuple[int, ...]  # codebook sizes of the pixel_rf sweep (seed 0)
+    per_category: int  # ShapesEval prompts per category
+    n: int  # images per prompt
+    vqa_n: int  # held-out VQA questions
+    preset: str = "shapes"
+    overrides: tuple[str, ...] = ()
+
+
+BUDGETS = {
+    # a smaller model so the whole table fits in ~25 minutes on 2 cores
+    "quick": Budget(120, 150, 150, 16, (0, 1, 2), (64, 1024), 5, 2, 60,
+                    overrides=("model.dim=128", "model.n_layers=3", "model.ffn_hidden=352", "model.enc_dim=96",
+                               "model.enc_layers=2", "model.head_dim=32", "optim.warmup=30")),
+    "full": Budget(2000, 2000, 2000, 32, (0, 1, 2), (64, 1024), 20, 4, 300),
+}
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def plan(b: Budget) -> list[dict]:
+    """Every variant run of the study: name, variant, seed and extra overrides."""
+    runs = [{"name": f"{v}_s{s}", "variant": v, "seed": s, "sets": []} for v in MAIN for s in b.seeds]
+    runs += [{"name": f"{v}_s0", "variant": v, "seed": 0, "sets": []} for v in ("pixel_repa", "pixel_cont")]
+    runs += [{"name": f"pixel_rf_K{k}_s0", "variant": "pixel_rf", "seed": 0, "sets": [f"model.codebook_size={k}"]}
+             for k in b.codebooks]
+    return runs
+
+
+def curves(run: Path, points: int = 60) -> dict[str, list]:
+    rows = read_log(run)
+    keep = rows[:: max(1, len(rows) // points)]
+    keys = sorted({k for r in rows for k in r if k.startswith("loss") or k in ("rep_ppl", "rep_dead")})
+    return {"step": [r["step"] for r in keep], **{k: [r.get(k) for r in keep] for k in keys}}
+
+
+def run_one(spec: dict, b: Budget, root: Path, results: Path, vlm: Path, vae: Path, progress: bool) -> dict:
+    from .train import train
+
+    out = root / spec["name"]
+    sets = [*b.overrides, f"train.steps={b.steps}", f"train.batch_size={b.batch_size}", f"train.seed={spec['seed']}",
+            f"train.init={vlm}", "train.ckpt_every=100000", *spec["sets"]]
+    if spec["variant"].startswith("vae"):
+        sets.append(f"train.vae={vae}")
+    cfg = C.validate(C.override(C.preset(b.preset, spec["variant"]), sets))
+    resume = out.exists() and (out / "checkpoints").exists()
+    summary = train(cfg, out, resume=resume, progress=progress)
+    eng = load(out)
+    t0 = time.time()
+    images = evaluate.write_shapeseval(eng, out / "shapeseval", b.n, GenOptions(), 0, b.per_category, progress=progress)
+    scored = shapeseval.score_images(images, b.per_category)
+    vqa = evaluate.vqa(eng, b.vqa_n)
+    grid_path = results / "grids" / f"{spec['name']}.png"
+    save_grid(images, b, grid_path)
+    res = {"name": spec["name"], "variant": spec["variant"], "seed": spec["seed"], "sets": spec["sets"],
+           "shapeseval": scored.scores, "vqa": vqa["accuracy"], "vqa_by_kind": vqa["by_kind"],
+           "train_wall_s": summary["wall_s"], "eval_wall_s": time.time() - t0, "steps": summary["step"],
+           "tokens_per_s": summary["tokens_per_s"], "curves": curves(out), "config": cfg.to_json(),
+           "commit": git_commit(), "grid": str(grid_path.relative_to(results.parent))}
+    (results / f"{spec['name']}.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
+def save_grid(images: dict, b: Budget, path: Path) -> None:
+    """One row per category: the first image of its first prompts."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plist = shapeseval.prompts(b.per_category)
+    rows = []
+    for cat in shapeseval.CATEGORIES:
+        ps = [p for p in plist if p.category == cat][:8]
+        row = [images[(p.index, 0)] for p in ps]
+        row += [np.full_like(row[0], 255)] * (8 - len(row))
+        rows.append(np.concatenate([np.pad(r, ((1, 1), (1, 1), (0, 0)), constant_values=255) for r in row], 1))
+    Image.fromarray(np.concatenate(rows, 0)).resize((rows[0].shape[1] * 3, len(rows) * rows[0].shape[0] * 3),
+                                                    Image.NEAREST).save(path)
+
+
+def ablation(budget: str = "quick", root: str | Path = "runs/study", results: str | Path = "docs/results",
+             progress: bool = True, only: list[str] | None = None) -> list[dict]:
+    from .train import train
+    from .vae import train_vae
+
+    b = BUDGETS[budget]
+    root, results = Path(root) / budget, Path(results) / budget
+    results.mkdir(parents=True, exist_ok=True)
+    vlm, vae = root / "vlm", root / "vae"
+    if not (results / "vlm.json").exists():
+        cfg = C.validate(C.override(C.preset(b.preset, "vlm"), [*b.overrides, f"train.steps={b.vlm_steps}",
+                                                                  f"train.batch_size={b.batch_size}"]))
+        s = train(cfg, vlm, resume=(vlm / "checkpoints").exists(), progress=progress)
+        eng = load(vlm)
+        vqa = evaluate.vqa(eng, b.vqa_n)
+        (results / "vlm.json").write_text(json.dumps({"name": "vlm", "variant": "vlm", "vqa": vqa["accuracy"],
+                                                      "vqa_by_kind": vqa["by_kind"], "train_wall_s": s["wall_s"],
+                                                      "steps": s["step"], "curves": curves(vlm),
+                                                      "config": cfg.to_json(), "commit": git_commit()}, indent=1))
+    if not (results / "vae.json").exists():
+        meta = train_vae(vae, steps=b.vae_steps, batch_size=b.batch_size, progress=progress)
+        (results / "vae.json").write_text(json.dumps({"name": "vae", **meta, "commit": git_commit()}, indent=1))
+    done = []
+    for spec in plan(b):
+        if only and spec["name"] not in only:
+            continue
+        path = results / f"{spec['name']}.json"
+        if path.exists():
+            done.append(json.loads(path.read_text()))
+            continue
+        done.append(run_one(spec, b, root, results, vlm, vae, progress))
+    return done

@@ -1,0 +1,31 @@
+import json
+
+from repforce import study
+from repforce.study_report import verdict, write_results_md
+
+
+def test_tiny_study_is_resumable_and_reported(tmp_path, monkeypatch):
+    b = study.Budget(vlm_steps=3, vae_steps=2, steps=3, batch_size=4, seeds=(0, 1), codebooks=(16,), per_category=1,
+                     n=1, vqa_n=4, preset="tiny", overrides=("train.precision=fp32",))
+    monkeypatch.setitem(study.BUDGETS, "test", b)
+    runs, results = tmp_path / "runs", tmp_path / "docs" / "results"
+    done = study.ablation("test", runs, results, progress=False)
+    names = {r["name"] for r in done}
+    assert names == {f"{v}_s{s}" for v in study.MAIN for s in (0, 1)} | {"pixel_repa_s0", "pixel_cont_s0",
+                                                                          "pixel_rf_K16_s0"}
+    one = json.loads((results / "test" / "pixel_rf_s1.json").read_text())
+    assert one["steps"] == 3 and one["config"]["train"]["seed"] == 1 and "overall" in one["shapeseval"]
+    assert one["curves"]["step"] and (results / "test" / "grids" / "pixel_rf_s1.png").exists()
+    # a rerun trains nothing: every run is already recorded
+    stamp = (results / "test" / "pixel_s0.json").stat().st_mtime_ns
+    study.ablation("test", runs, results, progress=False)
+    assert (results / "test" / "pixel_s0.json").stat().st_mtime_ns == stamp
+    md = write_results_md("test", results, tmp_path / "docs" / "RESULTS.md").read_text()
+    assert "| `pixel_rf` | 0.76 |" in md and "Codebook size" in md and "![pixel_rf](results/test/grids/" in md
+    assert (tmp_path / "docs" / "results" / "test" / "grids").is_dir()
+
+
+def test_tie_rule():
+    assert verdict([0.5, 0.6, 0.55], [0.56, 0.58, 0.57]) == "tie"
+    assert verdict([0.2, 0.21, 0.22], [0.7, 0.71, 0.72]) == "higher"
+    assert verdict([0.7, 0.71, 0.72], [0.2, 0.21, 0.22]) == "lower"
