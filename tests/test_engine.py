@@ -119,3 +119,27 @@ def test_bad_input_is_one_line(runs, rf, tmp_path):
         rf.answer([bad], ["what is this?"])
     with pytest.raises(E.InferenceError, match="does not generate"):
         E.load(runs["vlm"]).generate(["a red circle"])
+
+
+def test_cli_generate_answer_and_api(runs, tmp_path, capsys):
+    import repforce
+    from repforce.cli import main
+
+    run = str(runs["pixel_rf"])
+    assert main(["generate", "--ckpt", run, "--prompt", "two red circles above a blue square", "--n", "2",
+                 "--steps", "2", "--out", str(tmp_path / "g")]) == 0
+    assert sorted(p.name for p in (tmp_path / "g").glob("*.png")) == ["000_00.png", "000_01.png"]
+    assert main(["generate", "--ckpt", run, "--prompts", "shapeseval", "--per-category", "1", "--n", "1",
+                 "--steps", "2", "--out", str(tmp_path / "se")]) == 0
+    assert main(["eval", "shapes", "--images", str(tmp_path / "se"), "--n", "1", "--per-category", "1"]) == 0
+    assert "complete" in capsys.readouterr().out
+    assert main(["answer", "--ckpt", run, "--image", str(tmp_path / "g" / "000_00.png"),
+                 "--question", "what color is the circle?"]) == 0
+    assert main(["answer", "--ckpt", str(tmp_path / "nope"), "--image", "x.png", "--caption"]) == 2
+    assert "no such checkpoint" in capsys.readouterr().err
+    assert main(["generate", "--ckpt", run, "--prompt", " ", "--out", str(tmp_path / "e")]) == 2
+    assert "empty prompt" in capsys.readouterr().err
+    model = repforce.load(run)
+    imgs = model.generate(["a red circle"], n=2, steps=2)
+    assert len(imgs) == 2 and imgs[0].size == (32, 32)
+    assert len(model.answer(imgs, ["what color is the circle?"] * 2)) == 2

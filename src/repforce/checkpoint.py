@@ -8,6 +8,10 @@ schedule, data position, RNG states: whatever the trainer puts in `state`), `mod
 (the EMA weights alone, for sampling without torch.load of a pickle) and `config.json`.
 It is written under a temporary name and renamed into place, so a kill during a save
 leaves every earlier checkpoint intact and no half-written folder that looks complete.
+
+A sharded run (torchrun, distributed.py) writes `dcp/` (torch.distributed.checkpoint) and
+`meta.json` instead of `state.pt`; `load` then gives the EMA weights of its
+`model.safetensors`, read lazily, under "ema" (enough for sampling and for --init).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ def step_dirs(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     dirs = [d for d in root.iterdir() if d.is_dir() and d.name.startswith(PREFIX) and d.name[len(PREFIX):].isdigit()
-            and (d / "state.pt").exists()]
+            and ((d / "state.pt").exists() or (d / "dcp" / ".metadata").exists())]
     return sorted(dirs, key=lambda d: int(d.name[len(PREFIX):]))
 
 
@@ -67,7 +71,7 @@ def resolve(path: Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"no such checkpoint or run folder: {path}")
-    if (path / "state.pt").exists():
+    if (path / "state.pt").exists() or (path / "dcp" / ".metadata").exists():
         return path
     for root in (path / "checkpoints", path):
         dirs = step_dirs(root)
@@ -79,6 +83,15 @@ def resolve(path: Path) -> Path:
 def load(path: Path) -> tuple[dict, dict]:
     """(state, config) of the checkpoint at or under `path`."""
     d = resolve(path)
+    if not (d / "state.pt").exists():  # a sharded checkpoint: its EMA export, read tensor by tensor
+        from .pretrained import Weights
+
+        try:
+            meta = json.loads((d / "meta.json").read_text())
+            return {"ema": Weights(d, "model.safetensors"), "step": meta["step"]}, json.loads(
+                (d / "config.json").read_text())
+        except Exception as e:
+            raise CheckpointError(f"unreadable checkpoint {d}: {type(e).__name__}: {e}") from None
     try:
         state = torch.load(d / "state.pt", map_location="cpu", weights_only=False)
         config = json.loads((d / "config.json").read_text())

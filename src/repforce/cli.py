@@ -215,6 +215,29 @@ def cmd_study(args) -> None:
     print(f"wrote {out}")
 
 
+def cmd_fashion_judge(args) -> None:
+    from . import fashion as fm
+
+    try:
+        meta = fm.train_judge(args.out, args.root, epochs=args.epochs, progress=not args.quiet)
+    except fm.FashionDataError as e:
+        raise UserError(str(e)) from None
+    print(f"judge {meta['version']}: test accuracy {meta['test_accuracy']:.4f}, sha256 {meta['sha256'][:16]}...; "
+          f"saved to {args.out}")
+
+
+def cmd_eval_fashion(args) -> None:
+    from . import fashion as fm
+    from .evaluate import fashion
+
+    eng = _engine(args)
+    try:
+        scores, _ = fashion(eng, args.n, seed=args.seed, vqa_n=args.vqa_n, root=args.root)
+    except fm.FashionDataError as e:
+        raise UserError(str(e)) from None
+    print(json.dumps(scores, indent=1))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="repforce", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -242,6 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--strict", action="store_true", help="exit non-zero when any image is missing or unusable")
     es.add_argument("--per-category", dest="per_category", type=int, default=60, help="score the first k prompts per category")
     es.set_defaults(func=cmd_eval_shapes)
+    ef = e.add_parser("fashion", help="class accuracy, Frechet distance (judge features) and VQA on Fashion-MNIST")
+    ef.add_argument("--ckpt", required=True)
+    ef.add_argument("--n", type=int, default=20, help="images per class prompt")
+    ef.add_argument("--vqa-n", dest="vqa_n", type=int, default=500)
+    ef.add_argument("--seed", type=int, default=0)
+    ef.add_argument("--root", default="/usr/share/datasets/fashion-mnist")
+    ef.add_argument("--raw-weights", dest="raw_weights", action="store_true")
+    ef.set_defaults(func=cmd_eval_fashion)
 
     t = sub.add_parser("train", help="train a model (any variant)")
     t.add_argument("--preset", default="shapes", help="tiny | shapes")
@@ -296,6 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
+
+    fj = sub.add_parser("fashion", help="Fashion-MNIST world").add_subparsers(dest="what", required=True)
+    jd = fj.add_parser("judge", help="train the judge classifier on the train split")
+    jd.add_argument("--out", default="src/repforce/assets/fashion_judge")
+    jd.add_argument("--root", default="/usr/share/datasets/fashion-mnist")
+    jd.add_argument("--epochs", type=int, default=6)
+    jd.add_argument("--quiet", action="store_true")
+    jd.set_defaults(func=cmd_fashion_judge)
 
     st = sub.add_parser("study", help="the paper's ablation on the shapes world (resumable)")
     st.add_argument("what", choices=("ablation", "report"))

@@ -15,6 +15,7 @@ import json
 import typing
 from dataclasses import dataclass, field, replace
 
+from .datasources import MixConfig, Source
 from .rf import VARIANTS, ModelConfig
 from .sequence import DataConfig
 
@@ -43,7 +44,14 @@ class TrainConfig:
     keep: int = 3  # checkpoints kept
     threads: int = 0  # torch threads; 0 = leave torch's default
     vae: str = ""  # vae variants: the folder written by `repforce train-vae`
-    init: str = ""  # start from this run's (or checkpoint's) weights, e.g. a vlm run
+    init: str = ""  # start from this run's (or checkpoint's) weights, e.g. a vlm run or the previous stage
+    llm: str = ""  # local Hugging Face Qwen3 / Qwen3-MoE folder: backbone weights and tokenizer (pretrained.py)
+    vision: str = ""  # local DINOv3 / SigLIP2 folder: encoder weights (pretrained.py)
+    device: str = "cpu"  # "cpu", "cuda" (cuda:LOCAL_RANK under torchrun) or "auto"
+    meta_init: bool = False  # build on the meta device, shard, then initialize (models no rank can hold whole)
+    act_ckpt: bool = False  # recompute each transformer block's activations in the backward pass
+    compile: bool = False  # torch.compile each transformer block
+    train_only: str = ""  # comma-separated parameter-name prefixes to train, the rest frozen ("" = all)
 
 
 @dataclass(frozen=True)
@@ -52,9 +60,10 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    mix: MixConfig = field(default_factory=MixConfig)  # real data sources when data.world == "mix"
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        return json.loads(json.dumps(dataclasses.asdict(self)))  # JSON-native (tuples as lists), like a saved one
 
     @staticmethod
     def from_json(d: dict) -> "Config":
@@ -67,8 +76,11 @@ class Config:
                     kw[f.name] = tuple(v) if isinstance(v, list) and "tuple" in str(hints[f.name]) else v
             return cls(**kw)
 
+        mix = dict(d.get("mix", {}))
+        mix["sources"] = [Source(**s) if isinstance(s, dict) else s for s in mix.get("sources", [])]
         return Config(build(ModelConfig, d.get("model", {})), build(DataConfig, d.get("data", {})),
-                      build(OptimConfig, d.get("optim", {})), build(TrainConfig, d.get("train", {})))
+                      build(OptimConfig, d.get("optim", {})), build(TrainConfig, d.get("train", {})),
+                      build(MixConfig, mix))
 
 
 class ConfigError(ValueError):
@@ -90,8 +102,17 @@ def validate(cfg: Config) -> Config:
     need(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     need(o.schedule in ("cosine", "constant"), "optim.schedule", o.schedule, "must be cosine or constant")
     need(o.warmup >= 0, "optim.warmup", o.warmup, "must be >= 0")
-    need(d.canvas in (32, 64), "data.canvas", d.canvas, "the shapes world renders 32 or 64")
-    need(d.canvas == m.image_size, "data.canvas", d.canvas, f"must equal model.image_size={m.image_size}")
+    need(d.world in ("shapes", "fashion", "mix"), "data.world", d.world,
+         "must be shapes, fashion or mix (real data: mix.sources)")
+    if d.world != "mix":
+        need(d.canvas in (32, 64), "data.canvas", d.canvas, "the worlds render 32 or 64")
+        need(d.canvas == m.image_size, "data.canvas", d.canvas, f"must equal model.image_size={m.image_size}")
+    else:
+        from .datasources import check_mix
+
+        check_mix(cfg.mix, need)
+    need(t.device in ("cpu", "cuda", "auto") or t.device.startswith("cuda:"), "train.device", t.device,
+         "must be cpu, cuda, cuda:N or auto")
     need(m.image_size % m.gen_patch == 0 or not m.variant.startswith("pixel"), "model.image_size", m.image_size,
          f"not divisible by model.gen_patch={m.gen_patch}")
     for name in ("gen_fraction", "prompt_fraction", "caption_fraction", "drop_text", "drop_rep"):
@@ -135,7 +156,17 @@ def preset_shapes() -> Config:
     return Config(model, DataConfig(), OptimConfig(lr=1e-3, warmup=200), TrainConfig(steps=2000, batch_size=32))
 
 
+def _scale(name: str):
+    """A preset of scale.py (pretrained Qwen3 + DINOv3 recipes), imported on first use."""
+    def build() -> Config:
+        from . import scale
+
+        return getattr(scale, name)()
+    return build
+
+
 PRESETS = {"tiny": preset_tiny, "shapes": preset_shapes}
+PRESETS.update({f"{size}_s{n}": _scale(f"{size}_s{n}") for size in ("scale", "scale_small") for n in (1, 2, 3)})
 
 
 def preset(name: str, variant: str = "pixel_rf") -> Config:
@@ -156,6 +187,8 @@ def _coerce(text: str, typ, name: str):
             return text.lower() in ("true", "1")
         if typ in (int, float, str):
             return typ(text)
+        if origin is tuple and typing.get_args(typ)[0] is Source:  # mix.sources=[{"kind": ..., "path": ...}, ...]
+            return tuple(Source(**s) for s in json.loads(text))
         if origin is tuple:
             return tuple(float(x) for x in text.strip("()[] ").split(","))
         return json.loads(text)
@@ -164,7 +197,11 @@ def _coerce(text: str, typ, name: str):
 
 
 def override(cfg: Config, assignments: list[str]) -> Config:
-    """Apply `section.field=value` strings, each checked against the field's type."""
+    """Apply `section.field=value` strings, each checked against the field's type.
+
+    A section's fields change together, so fields that must agree can move at once
+    (model.image_size=512 model.gen_size=512 for a pixel variant)."""
+    changes: dict[str, dict] = {}
     for a in assignments:
         if "=" not in a:
             raise ConfigError(f"override {a!r}: expected section.field=value")
@@ -172,15 +209,16 @@ def override(cfg: Config, assignments: list[str]) -> Config:
         if key.count(".") != 1:
             raise ConfigError(f"override {a!r}: expected section.field=value, e.g. model.dim=128")
         section, name = key.split(".")
-        if section not in ("model", "data", "optim", "train"):
-            raise ConfigError(f"{key}: unknown section {section!r} (model, data, optim, train)")
+        if section not in ("model", "data", "optim", "train", "mix"):
+            raise ConfigError(f"{key}: unknown section {section!r} (model, data, optim, train, mix)")
         sub = getattr(cfg, section)
         hints = typing.get_type_hints(type(sub))
         if name not in hints:
             raise ConfigError(f"{key}: {type(sub).__name__} has no field {name!r}")
-        value = _coerce(text, hints[name], key)
+        changes.setdefault(section, {})[name] = _coerce(text, hints[name], key)
+    for section, fields in changes.items():
         try:
-            cfg = replace(cfg, **{section: replace(sub, **{name: value})})
+            cfg = replace(cfg, **{section: replace(getattr(cfg, section), **fields)})
         except ValueError as e:  # ModelConfig checks itself on construction
             raise ConfigError(str(e)) from None
     return cfg

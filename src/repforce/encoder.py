@@ -1,9 +1,11 @@
-"""The image encoder (a small ViT), its connector into the backbone, and the EMA helper.
+"""The image encoder (a small ViT, or a pretrained DINOv3 / SigLIP2), its connector, the EMA helper.
 
 The encoder reads images for understanding and, through an EMA copy, gives the
 representation targets. It returns two views of its last layer: the patch features
 BEFORE the final norm (what the representation targets quantize, DESIGN.md) and the
-normed features (what the connector feeds to the backbone).
+normed features (what the connector feeds to the backbone). `build_encoder(cfg)` picks
+our own ViT (`encoder="vit"`) or a transformers vision tower (`HFImageEncoder`) behind
+the same interface; pretrained.py fills the latter from a local folder.
 
 Axes: B batch, C channels, H W image size, p patch, N = (H/p)(W/p) patches,
 P = p*p*C patch values, D encoder width, Dm backbone width.
@@ -83,6 +85,86 @@ class ImageEncoder(nn.Module):
         for block in self.blocks:
             x = block(x)
         return x, self.norm(x)
+
+
+HF_ENCODERS = ("dinov3", "siglip2")
+
+
+class HFImageEncoder(nn.Module):
+    """A transformers DINOv3 (`DINOv3ViTModel`) or SigLIP2 (`Siglip2VisionModel`) tower as an ImageEncoder.
+
+    Images in [-1, 1] are mapped to [0, 1] and normalized with the model's own
+    image-processor mean/std. Only patch tokens come out, in raster order: DINOv3's CLS
+    and register tokens are dropped; SigLIP2 has none and its attention-pooling head is
+    not built. Parameter names are the transformers ones under `model.`.
+
+    DINOv3's train-time RoPE augmentations (shift, jitter, rescale) and drop-path are
+    switched off: they are pretraining regularizers, and the EMA copy of this encoder must
+    give deterministic representation targets.
+    """
+
+    def __init__(self, kind: str, hf_config: dict, image_size: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+        super().__init__()
+        import transformers
+
+        cfg = {k: v for k, v in hf_config.items() if k not in ("architectures", "transformers_version", "model_type")}
+        if kind == "dinov3":
+            cfg.update(pos_embed_shift=None, pos_embed_jitter=None, pos_embed_rescale=None, drop_path_rate=0.0)
+            config = transformers.DINOv3ViTConfig(**cfg)
+            self.model = transformers.DINOv3ViTModel(config)
+            self.n_prefix = 1 + config.num_register_tokens  # CLS + registers lead the sequence
+        elif kind == "siglip2":
+            cfg["vision_use_head"] = False
+            config = transformers.Siglip2VisionConfig(**cfg)
+            self.model = transformers.Siglip2VisionModel(config)
+            self.n_prefix = 0
+        else:
+            raise ValueError(f"unknown encoder kind {kind!r}: must be one of {HF_ENCODERS}")
+        p = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
+        if image_size % p:
+            raise ValueError(f"image_size={image_size} is not divisible by the encoder patch {p}")
+        self.kind, self.patch, self.grid, self.dim = kind, p, image_size // p, config.hidden_size
+        self.norm_stats = (tuple(mean), tuple(std))  # per channel, on [0, 1] pixels
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def layers(self) -> nn.ModuleList:
+        """The transformer blocks, for per-block FSDP and activation checkpointing."""
+        return self.model.model.layer if self.kind == "dinov3" else self.model.encoder.layers
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02):
+        """The transformers initialization (for random or meta-built towers; pretrained.py then loads weights)."""
+        self.model.apply(self.model._init_weights)
+        self.mean.copy_(torch.tensor(self.norm_stats[0]).view(1, -1, 1, 1))  # buffers are garbage after to_empty
+        self.std.copy_(torch.tensor(self.norm_stats[1]).view(1, -1, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, C, H, W) in [-1, 1] -> (features before the final norm, normed features), each (B, N, D)."""
+        if images.shape[0] == 0:  # no image on this rank (FSDP's uniform mode): run one blank, keep none of it
+            pre, normed = self.forward(images.new_zeros(1, *images.shape[1:]))
+            return pre[:0], normed[:0]
+        x = ((images + 1) / 2 - self.mean.to(images.dtype)) / self.std.to(images.dtype)  # the processor's normalization
+        m = self.model
+        if self.kind == "dinov3":
+            h = m.embeddings(x)  # (B, 1 + registers + N, D)
+            h = m.model(h, position_embeddings=m.rope_embeddings(x)).last_hidden_state[:, self.n_prefix:]  # (B, N, D)
+            return h, m.norm(h)
+        B, _, H, W = x.shape
+        shapes = torch.tensor([[H // self.patch, W // self.patch]], device=x.device).expand(B, 2)  # (B, 2) grid
+        h = m.embeddings(patchify(x, self.patch), shapes)  # SigLIP2 takes pre-patchified pixels, (py, px, c) order
+        h = m.encoder(inputs_embeds=h, attention_mask=None).last_hidden_state  # (B, N, D); all patches are real
+        return h, m.post_layernorm(h)
+
+
+def build_encoder(cfg) -> nn.Module:
+    """The encoder a ModelConfig names: our ViT, or a transformers tower described by cfg.enc_hf (JSON)."""
+    if cfg.encoder == "vit":
+        return ImageEncoder(cfg.image_size, cfg.enc_patch, cfg.image_channels, cfg.enc_dim, cfg.enc_layers,
+                            cfg.enc_heads, cfg.enc_mlp_ratio)
+    import json
+
+    return HFImageEncoder(cfg.encoder, json.loads(cfg.enc_hf), cfg.image_size, cfg.enc_mean, cfg.enc_std)
 
 
 class Connector(nn.Module):

@@ -14,8 +14,12 @@ parameters are (the FFN holds 2/3 of them); routing the norms would be a second
 
 Expert id -1 marks a token that skips the FFN (padding: its output is never used).
 
+A Qwen3-MoE backbone makes each MoT expert a `MoEFFN` (router + bank of routed SwiGLU
+experts), so a layer holds three banks, each starting as a copy of the LLM's one.
+
 Axes: B batch, L query length, S key length (cache prefix + L), D model width,
-H query heads, Hk key/value heads, Dh head dim, F FFN hidden, E experts, N = B * L.
+H query heads, Hk key/value heads, Dh head dim, F FFN hidden, E experts, N = B * L,
+R routed experts of a MoE bank, k experts per token.
 """
 
 import torch
@@ -167,29 +171,81 @@ class Routing:
             self.order = torch.argsort(ids, stable=True)[:sum(self.counts)]  # (N_kept,) tokens grouped by expert
 
 
+class MoEFFN(nn.Module):
+    """Qwen3-MoE sparse FFN: a softmax router picks k of R routed SwiGLU experts per token.
+
+    Hugging Face semantics: p = softmax(gate(x)) in fp32, keep the top k, renormalize
+    them when `norm_topk`, y = sum_j p_j * expert_j(x). Weights are stacked per routed
+    expert, (R, F, D) and (R, D, F), so FSDP shards a bank along its expert axis and the
+    checkpoint's `experts.{j}.gate_proj.weight` is row j of `gate_proj`.
+    """
+
+    def __init__(self, dim: int, hidden: int, n_routed: int, top_k: int, norm_topk: bool = True):
+        super().__init__()
+        self.top_k, self.norm_topk = top_k, norm_topk
+        self.gate = nn.Linear(dim, n_routed, bias=False)  # the router
+        self.gate_proj = nn.Parameter(torch.empty(n_routed, hidden, dim))
+        self.up_proj = nn.Parameter(torch.empty(n_routed, hidden, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_routed, dim, hidden))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, D = x.shape, x.shape[-1]
+        x = x.reshape(-1, D)  # (N, D)
+        p = torch.softmax(self.gate(x), dim=-1, dtype=torch.float32)  # (N, R)
+        w, idx = p.topk(self.top_k, dim=-1)  # (N, k)
+        if self.norm_topk:
+            w = w / w.sum(dim=-1, keepdim=True)
+        w = w.to(x.dtype)
+        # group the N * k (token, expert) pairs by expert, run each expert on its contiguous slice
+        order = torch.argsort(idx.reshape(-1), stable=True)  # (N k,)
+        counts = torch.bincount(idx.reshape(-1), minlength=self.gate_proj.shape[0]).tolist()  # one host sync
+        token = order // self.top_k  # (N k,) the token of each sorted pair
+        ys = []
+        for e, xe in enumerate(x.index_select(0, token).split(counts)):  # per-expert (n_e, D)
+            if xe.shape[0]:
+                h = F.silu(xe @ self.gate_proj[e].T) * (xe @ self.up_proj[e].T)  # (n_e, F)
+                ys.append(h @ self.down_proj[e].T)
+        if not ys:  # no token at all (FSDP's uniform mode): zero gradients instead of none
+            touch = self.gate_proj[:0].sum() + self.up_proj[:0].sum() + self.down_proj[:0].sum()
+            ys = [x.new_zeros(0, D) + touch.to(x.dtype)]
+        y = torch.cat(ys) * w.reshape(-1)[order, None]  # (N k, D) weighted
+        return x.new_zeros(x.shape).index_add_(0, token, y.to(x.dtype)).view(shape)
+
+
 class RoutedFFN(nn.Module):
     """Mixture-of-Transformers FFN: `experts[e]` runs on exactly the tokens whose id is e.
 
     Tokens are gathered per expert (one index_select), each expert runs on its
     contiguous slice, and one index_copy puts them back, so the cost is that of a
     single dense FFN over the non-padding tokens. An expert with no tokens is skipped
-    and gets no gradient.
+    and gets no gradient, unless `uniform` is set: then every expert runs, on an empty
+    slice if need be, so every parameter gets a (zero) gradient on every rank, which
+    FSDP's reduce-scatter needs (distributed.py sets it).
+
+    Each expert is a dense SwiGLU, or with moe=(R, k, norm_topk) a `MoEFFN` bank.
     """
 
-    def __init__(self, dim: int, hidden: int, n_experts: int):
+    def __init__(self, dim: int, hidden: int, n_experts: int, moe: tuple[int, int, bool] | None = None):
         super().__init__()
-        self.experts = nn.ModuleList(SwiGLU(dim, hidden) for _ in range(n_experts))
+        self.uniform = False
+        make = (lambda: MoEFFN(dim, hidden, *moe)) if moe else (lambda: SwiGLU(dim, hidden))
+        self.experts = nn.ModuleList(make() for _ in range(n_experts))
 
     def forward(self, x: torch.Tensor, routing: Routing | torch.Tensor) -> torch.Tensor:
         if isinstance(routing, torch.Tensor):
             routing = Routing(routing, len(self.experts))
-        if routing.single is not None:
+        if routing.single is not None and not self.uniform:
             return self.experts[routing.single](x)
         B, L, D = x.shape
-        xs = x.reshape(B * L, D).index_select(0, routing.order).split(routing.counts)  # per-expert (N_e, D)
-        ys = [expert(xe) for expert, xe in zip(self.experts, xs) if xe.shape[0] > 0]
+        if routing.single is not None:  # uniform mode: the others run on empty slices
+            order, counts = torch.arange(B * L, device=x.device), [B * L if e == routing.single else 0
+                                                                  for e in range(len(self.experts))]
+        else:
+            order, counts = routing.order, routing.counts
+        xs = x.reshape(B * L, D).index_select(0, order).split(counts)  # per-expert (N_e, D)
+        ys = [expert(xe) for expert, xe in zip(self.experts, xs) if xe.shape[0] > 0 or self.uniform]
         ys = torch.cat(ys) if ys else x.new_zeros(0, D)  # (N_kept, D), grouped by expert
-        return ys.new_zeros(B * L, D).index_copy(0, routing.order, ys).view(B, L, D)
+        return ys.new_zeros(B * L, D).index_copy(0, order, ys).view(B, L, D)
 
 
 # ---------------------------------------------------------------- block
@@ -198,12 +254,12 @@ class RoutedFFN(nn.Module):
 class Block(nn.Module):
     """Pre-norm Qwen3 decoder layer with a routed FFN."""
 
-    def __init__(self, dim, n_heads, n_kv_heads, head_dim, ffn_hidden, n_experts, eps, layer_idx):
+    def __init__(self, dim, n_heads, n_kv_heads, head_dim, ffn_hidden, n_experts, eps, layer_idx, moe=None):
         super().__init__()
         self.input_layernorm = RMSNorm(dim, eps)
         self.self_attn = Attention(dim, n_heads, n_kv_heads, head_dim, eps, layer_idx)
         self.post_attention_layernorm = RMSNorm(dim, eps)
-        self.mlp = RoutedFFN(dim, ffn_hidden, n_experts)
+        self.mlp = RoutedFFN(dim, ffn_hidden, n_experts, moe)
 
     def forward(self, h, routing, cos, sin, attn_mask, kv_cache=None):
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, attn_mask, kv_cache)
@@ -214,18 +270,24 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Qwen3Model with MoT FFNs. Takes input embeddings, so callers mix token, image and rep inputs."""
+    """Qwen3Model with MoT FFNs. Takes input embeddings, so callers mix token, image and rep inputs.
+
+    moe_experts > 0 makes it Qwen3-MoE: every FFN expert is a bank of moe_experts routed
+    experts of width ffn_hidden, moe_top_k per token (Qwen3-MoE's moe_intermediate_size,
+    num_experts, num_experts_per_tok, norm_topk_prob)."""
 
     def __init__(self, vocab_size: int, dim: int, n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
-                 ffn_hidden: int, n_experts: int = 3, eps: float = 1e-6, rope_theta: float = 10000.0):
+                 ffn_hidden: int, n_experts: int = 3, eps: float = 1e-6, rope_theta: float = 10000.0,
+                 moe_experts: int = 0, moe_top_k: int = 0, moe_norm_topk: bool = True):
         super().__init__()
         if n_heads % n_kv_heads:
             raise ValueError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}")
         self.n_layers, self.n_experts = n_layers, n_experts
         self.n_kv_heads, self.head_dim, self.rope_theta = n_kv_heads, head_dim, rope_theta
         self.embed_tokens = nn.Embedding(vocab_size, dim)
+        moe = (moe_experts, moe_top_k, moe_norm_topk) if moe_experts else None
         self.layers = nn.ModuleList(
-            Block(dim, n_heads, n_kv_heads, head_dim, ffn_hidden, n_experts, eps, i) for i in range(n_layers))
+            Block(dim, n_heads, n_kv_heads, head_dim, ffn_hidden, n_experts, eps, i, moe) for i in range(n_layers))
         self.norm = RMSNorm(dim, eps)
 
     @torch.no_grad()

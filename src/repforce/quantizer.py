@@ -21,6 +21,12 @@ Balancing (`balance=`):
 Dead prototypes: a prototype that receives no feature for `dead_after` updates is
 re-seeded at a random feature of the current batch. Everything here runs in fp32
 under no_grad: ids carry no gradient, nothing flows back into the encoder.
+
+Under data parallelism every statistic that spans the batch is summed over ranks
+(`distributed.all_sum`): the column sums of the balancing step, the assignment counts
+and the per-prototype feature sums of the update, and the re-seeding features are the
+same on every rank. So the codebooks never drift apart and the ids equal those of one
+process on the global batch.
 """
 
 import math
@@ -43,38 +49,49 @@ def pool2x2(x: torch.Tensor, k: int = 2) -> torch.Tensor:
         x = x.reshape(x.shape[0], side, side, x.shape[2])  # (B, h, w, D)
     B, h, w, D = x.shape
     x = x.reshape(B, h // k, k, w // k, k, D).mean(dim=(2, 4))  # (B, h/k, w/k, D)
-    return x.reshape(B, -1, D) if flat else x
+    return x.reshape(B, (h // k) * (w // k), D) if flat else x  # explicit sizes: B may be 0
 
 
-def balance_scores(s: torch.Tensor, balance: str = "softmax", iters: int = 1) -> torch.Tensor:
-    """The balancing step applied to scores s (M, K); the argmax over dim 1 gives the ids."""
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def balance_scores(s: torch.Tensor, balance: str = "softmax", iters: int = 1, all_sum=None) -> torch.Tensor:
+    """The balancing step applied to scores s (M, K); the argmax over dim 1 gives the ids.
+
+    all_sum sums a tensor over data-parallel ranks, so columns (positions) span the global batch."""
     if balance == "none":
         return s
     q = torch.softmax(s, dim=1)  # over prototypes: each position a distribution
     if balance == "softmax":
-        return torch.softmax(q, dim=0)  # over positions, as printed in the paper
+        if all_sum is None:
+            return torch.softmax(q, dim=0)  # over positions, as printed in the paper
+        ex = q.exp()  # q is in [0, 1]: exp needs no max shift
+        return ex / all_sum(ex.sum(dim=0))  # the same softmax over the positions of all ranks
     if balance == "sinkhorn":
-        M, K = q.shape
+        all_sum = all_sum or _local
+        M, K = float(all_sum(q.new_tensor(q.shape[0]))), q.shape[1]
         for i in range(iters):
             if i > 0:
                 q = q / q.sum(dim=1, keepdim=True)  # rows -> 1
-            q = q / q.sum(dim=0, keepdim=True) * (M / K)  # columns -> M / K, equal use of every prototype
+            q = q / all_sum(q.sum(dim=0, keepdim=True)) * (M / K)  # columns -> M / K, equal use of every prototype
         return q
     raise ValueError(f"balance must be one of {BALANCES}, got {balance!r}")
 
 
 def assign(z: torch.Tensor, prototypes: torch.Tensor, temperature: float = 0.5, balance: str = "softmax",
-           iters: int = 1) -> torch.Tensor:
+           iters: int = 1, all_sum=None) -> torch.Tensor:
     """Ids (M,) of unit features z (M, D) against unit prototypes (K, D)."""
     s = z @ prototypes.T / temperature  # (M, K) cosine / temperature
-    return balance_scores(s, balance, iters).argmax(dim=1)
+    return balance_scores(s, balance, iters, all_sum).argmax(dim=1)
 
 
-def momentum_update(prototypes: torch.Tensor, z: torch.Tensor, ids: torch.Tensor, momentum: float) -> torch.Tensor:
+def momentum_update(prototypes: torch.Tensor, z: torch.Tensor, ids: torch.Tensor, momentum: float,
+                    all_sum=_local) -> torch.Tensor:
     """New prototypes (K, D): normalize(m C + (1 - m) normalize(sum of z assigned to k)) where k got features."""
     K = prototypes.shape[0]
-    sums = torch.zeros_like(prototypes).index_add_(0, ids, z)  # (K, D)
-    hit = torch.bincount(ids, minlength=K) > 0  # (K,)
+    sums = all_sum(torch.zeros_like(prototypes).index_add_(0, ids, z))  # (K, D), over all ranks
+    hit = all_sum(torch.bincount(ids, minlength=K)) > 0  # (K,)
     moved = F.normalize(momentum * prototypes + (1 - momentum) * F.normalize(sums, dim=1), dim=1)
     return torch.where(hit[:, None], moved, prototypes)
 
@@ -111,20 +128,26 @@ class OnlineQuantizer(nn.Module):
     @torch.no_grad()
     def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """feats (..., D) -> ids (...) long, and usage stats; updates the prototypes if training."""
+        from .distributed import all_sum, world_size
+
+        reduce = all_sum if world_size() > 1 else None  # statistics over the global batch
         lead, D = feats.shape[:-1], feats.shape[-1]
         with torch.autocast(device_type=feats.device.type, enabled=False):
             z = F.normalize(feats.detach().reshape(-1, D).float(), dim=1)  # (M, D)
-            ids = assign(z, self.prototypes, self.temperature, self.balance, self.sinkhorn_iters)  # (M,)
+            ids = assign(z, self.prototypes, self.temperature, self.balance, self.sinkhorn_iters, reduce)  # (M,)
             counts = torch.bincount(ids, minlength=self.num_codes)  # (K,)
+            if reduce is not None:
+                counts = reduce(counts)
             stats = {"rep_ppl": perplexity(counts), "rep_used": (counts > 0).sum().float()}
             if self.training:
-                stats.update(self._update(z, ids, counts))
+                stats.update(self._update(z, ids, counts, reduce))
             stats["rep_ppl_ema"] = perplexity(self.usage)
         return ids.view(lead), stats
 
-    def _update(self, z, ids, counts) -> dict[str, torch.Tensor]:
-        self.prototypes.copy_(momentum_update(self.prototypes, z, ids, self.momentum))
-        self.usage.mul_(self.usage_decay).add_(counts.float() / counts.sum(), alpha=1 - self.usage_decay)
+    def _update(self, z, ids, counts, reduce=None) -> dict[str, torch.Tensor]:
+        """counts: assignments per prototype over the global batch; reduce: the sum over ranks, or None."""
+        self.prototypes.copy_(momentum_update(self.prototypes, z, ids, self.momentum, reduce or _local))
+        self.usage.mul_(self.usage_decay).add_(counts.float() / counts.sum().clamp(min=1), alpha=1 - self.usage_decay)
         self.unused.add_(1).masked_fill_(counts > 0, 0)
         if self.dead_after <= 0:
             return {"rep_dead": torch.zeros(())}
@@ -132,7 +155,12 @@ class OnlineQuantizer(nn.Module):
         n_dead = int(dead.sum())
         if n_dead:
             # re-seed at random live features of this batch, so the prototype starts where data is
-            pick = torch.randint(z.shape[0], (n_dead,), device=z.device)
-            self.prototypes[dead] = z[pick]
+            if reduce is None:
+                pick = torch.randint(z.shape[0], (n_dead,), device=z.device)
+                self.prototypes[dead] = z[pick]
+            else:  # the features of the first rank that has some, so every rank sets the same rows
+                from .distributed import first_nonempty_rows
+
+                self.prototypes[dead] = first_nonempty_rows(z, n_dead)
             self.unused[dead] = 0
         return {"rep_dead": torch.tensor(float(n_dead))}

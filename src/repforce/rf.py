@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import flow
-from .encoder import Connector, ImageEncoder, ema_update, patchify, unpatchify
+from .encoder import HF_ENCODERS, Connector, build_encoder, ema_update, patchify, unpatchify
 from .model import KVCache, Transformer
 from .quantizer import BALANCES, OnlineQuantizer, pool2x2
 
@@ -57,8 +57,15 @@ class ModelConfig:
     norm_eps: float = 1e-6  # RMSNorm epsilon (Qwen3)
     rope_theta: float = 10000.0  # RoPE base (Qwen3 uses 1e6 for long contexts)
     tie_embeddings: bool = False  # lm_head shares embed_tokens' weight
+    moe_experts: int = 0  # routed experts per FFN expert (Qwen3-MoE num_experts); 0 = dense SwiGLU
+    moe_top_k: int = 0  # routed experts per token (num_experts_per_tok) when moe_experts > 0
+    moe_norm_topk: bool = True  # renormalize the top-k router weights (norm_topk_prob)
     image_size: int = 32  # side of the square RGB image in pixels, values in [-1, 1]
     image_channels: int = 3  # channels of `images`
+    encoder: str = "vit"  # "vit" (ours, random init) or a transformers tower: "dinov3", "siglip2"
+    enc_hf: str = ""  # JSON of the transformers vision config when encoder != "vit" (pretrained.py writes it)
+    enc_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # transformers towers: processor mean on [0, 1] pixels
+    enc_std: tuple[float, float, float] = (0.5, 0.5, 0.5)  # transformers towers: processor std on [0, 1] pixels
     enc_dim: int = 192  # encoder width De
     enc_layers: int = 4  # encoder blocks
     enc_heads: int = 3  # encoder attention heads
@@ -89,6 +96,19 @@ class ModelConfig:
             if not ok:
                 raise ValueError(f"model.{field}={getattr(self, field)!r}: {msg}")
         check(self.variant in VARIANTS, "variant", f"must be one of {VARIANTS}")
+        check(self.encoder in ("vit",) + HF_ENCODERS, "encoder", f"must be one of {('vit',) + HF_ENCODERS}")
+        if self.encoder != "vit":
+            import json
+
+            hf = json.loads(self.enc_hf) if self.enc_hf else {}
+            check(bool(hf), "enc_hf", f"encoder={self.encoder!r} needs its transformers config (encoder_fields)")
+            patch = hf.get("patch_size", 16)
+            check(hf.get("hidden_size") == self.enc_dim, "enc_dim",
+                  f"must equal the tower's hidden_size={hf.get('hidden_size')}")
+            check((patch if isinstance(patch, int) else patch[0]) == self.enc_patch, "enc_patch",
+                  f"must equal the tower's patch_size={patch}")
+        check(self.moe_experts == 0 or 0 < self.moe_top_k <= self.moe_experts, "moe_top_k",
+              f"must be in [1, moe_experts={self.moe_experts}] for a MoE backbone")
         check(self.n_heads % self.n_kv_heads == 0, "n_heads", f"must be a multiple of n_kv_heads={self.n_kv_heads}")
         check(self.head_dim % 2 == 0, "head_dim", "must be even (RoPE)")
         check(self.image_size % self.enc_patch == 0, "image_size", f"not divisible by enc_patch={self.enc_patch}")
@@ -215,12 +235,12 @@ class RFModel(nn.Module):
         self.cfg = cfg
         D, De = cfg.dim, cfg.enc_dim
         self.backbone = Transformer(cfg.vocab_size, D, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
-                                    cfg.ffn_hidden, cfg.n_experts, cfg.norm_eps, cfg.rope_theta)
+                                    cfg.ffn_hidden, cfg.n_experts, cfg.norm_eps, cfg.rope_theta,
+                                    cfg.moe_experts, cfg.moe_top_k, cfg.moe_norm_topk)
         self.lm_head = nn.Linear(D, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.backbone.embed_tokens.weight
-        self.encoder = ImageEncoder(cfg.image_size, cfg.enc_patch, cfg.image_channels, De, cfg.enc_layers,
-                                    cfg.enc_heads, cfg.enc_mlp_ratio)
+        self.encoder = build_encoder(cfg)
         self.connector = Connector(De, D)
         if cfg.needs_ema_encoder:
             self.ema_encoder = copy.deepcopy(self.encoder).requires_grad_(False)  # updated by update_ema_encoder()
@@ -243,6 +263,9 @@ class RFModel(nn.Module):
             self.cont_head = ContFlowHead(De, D, cfg.cont_width, cfg.cont_depth)
         if cfg.variant == "pixel_repa":
             self.repa_proj = mlp(D, 2 * D, De)
+        # uniform: every module runs on every batch, on empty slices if need be, so each rank issues
+        # the same collectives and every parameter gets a gradient (set under FSDP by distributed.py)
+        self.uniform = False
         self.init_weights()
 
     @torch.no_grad()
@@ -276,8 +299,9 @@ class RFModel(nn.Module):
                 nn.init.zeros_(last.weight)
                 if last.bias is not None:
                     nn.init.zeros_(last.bias)
-        if hasattr(self, "ema_encoder"):
-            self.ema_encoder.load_state_dict(self.encoder.state_dict())
+        if hasattr(self, "ema_encoder"):  # by position: names may differ by wrappers (activation checkpointing)
+            for e, p in zip(self.ema_encoder.parameters(), self.encoder.parameters()):
+                e.copy_(p)
         if hasattr(self, "quantizer"):
             self.quantizer.reset()
 
@@ -391,13 +415,18 @@ class RFModel(nn.Module):
 
         h = self.embed_text(batch["tokens"])  # (B, L, D); slots of other kinds are overwritten below
         und = ~is_gen
-        h = _fill(h, kind == ENC, self.embed_image(batch["images"][und]) if und.any() else None, "ENC")  # (U, E, D)
+        run_enc = bool(und.any()) or self.uniform
+        h = _fill(h, kind == ENC, self.embed_image(batch["images"][und]) if run_enc else None, "ENC")  # (U, E, D)
         gen_x = batch.get("gen_x", batch["images"])[is_gen]  # (G, C, Hg, Wg)
         G = aux["G"] = gen_x.shape[0]
         rep_inputs = None
-        if G:
-            x, e = gen_x.float(), torch.randn_like(gen_x, dtype=torch.float32)
-            t = flow.sample_t(G, cfg.t_mean, cfg.t_std, device=x.device)  # (G,)
+        if G or (self.uniform and cfg.has_gen):
+            x = gen_x.float() if G else gen_x.new_zeros(0, cfg.gen_channels, cfg.gen_size, cfg.gen_size).float()
+            if "noise_seed" in batch:  # per-sample noise and time: the same whatever the batch split across ranks
+                e, t = _sample_noise(batch["noise_seed"][is_gen], x, cfg)
+            else:
+                e = torch.randn_like(gen_x, dtype=torch.float32)
+                t = flow.sample_t(G, cfg.t_mean, cfg.t_std, device=x.device)  # (G,)
             h = _fill(h, kind == GEN, self.embed_gen(flow.interpolate(x, e, t), t), "GEN")  # (G, N, D)
             drop = batch["drop_rep"][is_gen]  # (G,)
             aux.update(x=x, e=e, t=t, drop=drop)
@@ -427,18 +456,31 @@ class RFModel(nn.Module):
         if repa:
             hidden, mid = hidden
         zero = hidden.new_zeros(())  # a term with no carrier in this batch
+        # Each term is a mean over its items (text targets, rep tokens, gen samples). With batch["norm_*"]
+        # (distributed.local_batch) the divisor is the item count over all ranks / world size, so the
+        # gradients FSDP averages over ranks are those of the mean over the global batch.
+        norm = {k: batch.get(f"norm_{k}") for k in ("lm", "rep", "gen")}
+
+        def mean(total, n, key):  # total: sum over n local items
+            if norm[key] is not None:
+                return total / norm[key].clamp(min=1e-9)
+            return total / n if n else zero
 
         # L_LM: next-token CE wherever a text target exists
         sel = text_targets != -100
         logits = self.lm_logits(hidden[sel])  # (n, vocab)
-        out["loss_lm"] = F.cross_entropy(logits.float(), text_targets[sel]) if sel.any() else zero
+        if norm["lm"] is None:
+            out["loss_lm"] = F.cross_entropy(logits.float(), text_targets[sel]) if sel.any() else zero
+        else:
+            out["loss_lm"] = mean(F.cross_entropy(logits.float(), text_targets[sel], reduction="sum"), 0, "lm")
         if cfg.has_gen:
             out["loss_fm"] = zero
-            if G:
+            if G or self.uniform:
                 x_pred = self.gen_head(hidden[kind == GEN])  # (G*N, P)
                 xp = patchify(aux["x"], cfg.gen_patch)  # (G, N, P)
                 ep = patchify(aux["e"], cfg.gen_patch)  # (G, N, P)
-                out["loss_fm"] = flow.fm_loss(x_pred.view_as(xp), xp, ep, aux["t"], cfg.t_eps)
+                fm_mean = flow.fm_loss(x_pred.view_as(xp), xp, ep, aux["t"], cfg.t_eps) if G else 0 * x_pred.sum()
+                out["loss_fm"] = fm_mean if norm["gen"] is None else mean(fm_mean * G, G, "gen")
         if cfg.rep_slots:
             # the position just before each rep slot predicts it (BOI for the first); not in rep-dropped samples
             before = torch.zeros_like(kind, dtype=torch.bool)
@@ -449,22 +491,25 @@ class RFModel(nn.Module):
             cond = hidden[before & keep[:, None]]  # (n, D), n = kept samples * M, sample then cell order
         if cfg.rep_ids:
             out["loss_rep"] = zero
-            if cond.shape[0]:
-                target = aux["ids"][~aux["drop"]].reshape(-1)  # (n,)
+            if cond.shape[0] or self.uniform:
+                target = aux["ids"][~aux["drop"]].reshape(-1) if G else aux["ids"].new_zeros(0)  # (n,)
                 rep_logits = self.rep_logits(cond).float()  # (n, K)
-                out["loss_rep"] = F.cross_entropy(rep_logits, target)
-                out["rep_acc"] = (rep_logits.argmax(-1) == target).float().mean().detach()
+                out["loss_rep"] = mean(F.cross_entropy(rep_logits, target, reduction="sum"), cond.shape[0], "rep")
+                if cond.shape[0]:
+                    out["rep_acc"] = (rep_logits.argmax(-1) == target).float().mean().detach()
         if cfg.variant == "pixel_cont":
             out["loss_cont"] = zero
-            if cond.shape[0]:
+            if cond.shape[0] or self.uniform:
                 y = aux["y"][~aux["drop"]].reshape(-1, aux["y"].shape[-1])  # (n, De)
                 e = torch.randn_like(y)
                 t = flow.sample_t(y.shape[0], cfg.t_mean, cfg.t_std, device=y.device)  # one t per token
                 y_pred = self.cont_pred(flow.interpolate(y, e, t), t, cond)
-                out["loss_cont"] = flow.fm_loss(y_pred, y, e, t, cfg.t_eps)
+                n = y.shape[0]
+                cont = flow.fm_loss(y_pred, y, e, t, cfg.t_eps) if n else 0 * y_pred.sum()
+                out["loss_cont"] = mean(cont * n, n, "rep") if n else cont
         if repa:
             out["loss_repa"] = zero
-            if G:
+            if G or self.uniform:
                 target = self.ema_features(aux["images"])  # (G, E, De), before the final norm like the rep targets
                 g = cfg.gen_size // cfg.gen_patch
                 if target.shape[1] != g * g:  # align the encoder grid to the gen grid
@@ -473,7 +518,10 @@ class RFModel(nn.Module):
                     target = F.adaptive_avg_pool2d(grid, g).flatten(2).transpose(1, 2)  # (G, N, De)
                 pred = self.repa_proj(mid[kind == GEN])  # (G*N, De)
                 cos = F.cosine_similarity(pred.float(), target.reshape(-1, target.shape[-1]).float(), dim=-1)
-                out["loss_repa"] = -cos.mean()
+                if norm["gen"] is None:
+                    out["loss_repa"] = -cos.mean() if G else 0 * pred.sum()
+                else:  # a mean over samples of their mean over the N gen tokens
+                    out["loss_repa"] = mean(-cos.sum() / max(1, cfg.n_gen), G, "gen")
 
         terms = [out[k] for k in ("loss_lm", "loss_rep", "loss_fm", "loss_cont") if k in out]
         if repa:
@@ -489,24 +537,63 @@ class RFModel(nn.Module):
 
         Loads every tensor whose name and shape match; an FFN expert absent from the
         checkpoint starts as a copy of its understanding expert (experts.0); the EMA
-        encoder starts as the loaded encoder; everything else keeps its fresh init.
+        encoder starts as the loaded encoder; a learned position table of another grid
+        size (a stage at another resolution) is resized bilinearly ("resized"); everything
+        else keeps its fresh init. state_dict may be any mapping with keys() and [] (a
+        lazily read safetensors file), and the model may be FSDP-sharded.
         Returns the names under "loaded", "copied" and "fresh" (fresh = new parameters,
         e.g. for a higher learning rate).
         """
-        src = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state_dict.items()}
+        keys = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): k for k in state_dict.keys()}  # lazy: read on use
         report: dict[str, list[str]] = {"loaded": [], "copied": [], "fresh": []}
-        for name, tensor in self.state_dict().items():
+        for raw, tensor in self.state_dict().items():
+            name = re.sub(r"_checkpoint_wrapped_module\.|_orig_mod\.", "", raw)  # activation-checkpoint wrappers
             key, bucket = name, "loaded"
-            if key not in src:
+            if key not in keys:
                 key, bucket = re.sub(r"(\.mlp\.experts\.)\d+\.", r"\g<1>0.", name), "copied"
             if name.startswith("ema_encoder."):
                 key, bucket = "encoder." + name[len("ema_encoder."):], "copied"
-            if key in src and src[key].shape == tensor.shape:
-                tensor.copy_(src[key])
-                report[bucket].append(name)
+            value = state_dict[keys[key]] if key in keys else None
+            if value is not None and value.shape != tensor.shape and name.endswith(_GRIDS):
+                value, bucket = _resize_grid(value, tensor.shape), "resized"  # a stage at another resolution
+            if value is not None and value.shape == tensor.shape:
+                _copy(tensor, value)
+                report.setdefault(bucket, []).append(name)
             else:
                 report["fresh"].append(name)
         return report
+
+
+_GRIDS = ("gen_pos", "rep_pos", "encoder.pos_embed")  # learned 2D position tables, one row per grid cell
+
+
+def _resize_grid(table: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A square raster-order position table (..., n, D) bilinearly resized to (..., m, D)."""
+    n, m = table.shape[-2], shape[-2]
+    side, new = math.isqrt(n), math.isqrt(m)
+    grid = table.reshape(side, side, -1).permute(2, 0, 1)[None].float()  # (1, D, s, s)
+    grid = F.interpolate(grid, size=(new, new), mode="bilinear", align_corners=False)  # (1, D, s', s')
+    return grid[0].permute(1, 2, 0).reshape(shape).to(table.dtype)
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst <- src for a plain tensor or an FSDP-sharded one (each rank keeps its own shard of src)."""
+    from .distributed import copy_full_
+
+    copy_full_(dst, src)
+
+
+def _sample_noise(seeds: torch.Tensor, x: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flow noise e (G, ...) like x and times t (G,), sample i drawn from its own generator seeded by seeds[i]."""
+    gen = torch.Generator(device=x.device)
+    es, ts = [], []
+    for s in seeds.tolist():
+        gen.manual_seed(int(s))
+        ts.append(flow.sample_t(1, cfg.t_mean, cfg.t_std, device=x.device, generator=gen))
+        es.append(torch.randn(x.shape[1:], device=x.device, generator=gen))
+    if not es:
+        return torch.zeros_like(x), x.new_zeros(0)
+    return torch.stack(es), torch.cat(ts)
 
 
 def _fill(h: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None, what: str) -> torch.Tensor:

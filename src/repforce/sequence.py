@@ -31,7 +31,8 @@ PAD, TEXT, ENC, REP, GEN = 0, 1, 2, 3, 4  # position kinds
 
 @dataclass(frozen=True)
 class DataConfig:
-    world: str = "shapes"  # data source
+    world: str = "shapes"  # data source: "shapes" or "fashion" (Fashion-MNIST, see fashion.py)
+    fashion_root: str = "/usr/share/datasets/fashion-mnist"  # folder of the Fashion-MNIST IDX files
     canvas: int = 32  # image side, pixels
     gen_fraction: float = 0.5  # share of generation samples in a batch (the vlm variant uses 0)
     prompt_fraction: float = 0.5  # share of generation captions written as ShapesEval-style prompts
@@ -61,9 +62,13 @@ class Sample:
 
 def sample_at(cfg: DataConfig, j: int, gen_fraction: float | None = None) -> Sample:
     """Sample j of a run's stream, drawn from the train half of the seed space."""
+    gf = cfg.gen_fraction if gen_fraction is None else gen_fraction
+    if cfg.world == "fashion":
+        from . import fashion
+
+        return fashion.sample(cfg, j, gf)
     rng = np.random.default_rng([cfg.seed, j])
     seed = world.scene_seed("train", (cfg.seed * 100_000_007 + j) % world.HELDOUT_BASE)
-    gf = cfg.gen_fraction if gen_fraction is None else gen_fraction
     if rng.random() < gf:
         if rng.random() < cfg.prompt_fraction:
             prompt = shapeseval.sample_prompt(rng)
@@ -141,8 +146,11 @@ class ShapesStream:
         self.cfg, self.tok, self.layout = cfg, tok, layout
         self.gen_fraction = cfg.gen_fraction if gen_fraction is None else gen_fraction
 
-    def samples(self, step: int, batch_size: int) -> list[Sample]:
-        return [sample_at(self.cfg, step * batch_size + i, self.gen_fraction) for i in range(batch_size)]
+    def samples(self, step: int, batch_size: int, rank: int = 0, world: int = 1) -> list[Sample]:
+        """Samples of `step`; with world > 1, the rank-th of `world` equal slices of them."""
+        b = batch_size // world
+        first = step * batch_size + rank * b
+        return [sample_at(self.cfg, first + i, self.gen_fraction) for i in range(b)]
 
-    def batch(self, step: int, batch_size: int) -> dict[str, torch.Tensor]:
-        return collate(self.samples(step, batch_size), self.tok, self.layout)
+    def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
+        return collate(self.samples(step, batch_size, rank, world), self.tok, self.layout)

@@ -42,7 +42,7 @@ class Tokenizer:
             if text is None or tid(text) is None or tid(text) == hf.unk_token_id:
                 raise ValueError(f"tokenizer has no {role} token ({text!r})")
             ids[role] = tid(text)
-        if len(set(ids.values()) - {ids["pad"]}) < 6:  # pad may equal eos (common in LLMs): pads are masked
+        if len({v for r, v in ids.items() if r != "pad"}) < 6:  # pad may equal eos (common in LLMs): pads are masked
             raise ValueError(f"special token ids collide: {ids}")
         self.pad_id, self.bos_id, self.eos_id = ids["pad"], ids["bos"], ids["eos"]
         self.img_start_id, self.img_end_id = ids["img_start"], ids["img_end"]
@@ -63,8 +63,8 @@ class Tokenizer:
 
 
 def world_corpus(n_scenes: int = 4000) -> list[str]:
-    """Every kind of text the shapes world produces, from the train stream."""
-    from . import shapeseval, world
+    """Every kind of text the worlds produce (shapes, from the train stream; Fashion-MNIST's class text)."""
+    from . import fashion, shapeseval, world
 
     lines = [world.caption_question()]
     for scene in world.scenes("train", 0, n_scenes):
@@ -72,7 +72,7 @@ def world_corpus(n_scenes: int = 4000) -> list[str]:
         lines += [f"{q} {a}" for q, a in world.questions(scene)]
     for cat in shapeseval.CATEGORIES:
         lines += [text for text, *_ in shapeseval.category_space(cat)]
-    return lines
+    return lines + fashion.corpus()
 
 
 def build_world_tokenizer(out: str | Path, vocab_size: int = 512, n_scenes: int = 4000) -> Tokenizer:

@@ -13,7 +13,6 @@ that never stopped.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import shutil
@@ -25,10 +24,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import checkpoint
+from . import checkpoint, datasources, distributed, pretrained
 from .config import Config, ConfigError, validate
 from .rf import RFModel
-from .sequence import Layout, ShapesStream
+from .sequence import Layout
 from .tokenizer import build_world_tokenizer, load_tokenizer
 
 GEN_MODULES = ("gen_embed", "gen_pos", "t_embed", "gen_head", "rep_", "null_rep", "cont_", "repa_proj")
@@ -142,15 +141,18 @@ def prepare_run(cfg: Config, out: Path, resume: bool) -> tuple[Config, object]:
         raise RunError(f"{out} already holds checkpoints; pass --resume to continue it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     tok_dir = out / "tokenizer"
-    if not tok_dir.exists():
+    if not tok_dir.exists() and distributed.is_main():  # one writer under torchrun
         init_tok = Path(cfg.train.init) / "tokenizer" if cfg.train.init else None
         if init_tok is not None and init_tok.is_dir():
             shutil.copytree(init_tok, tok_dir)
+        elif cfg.train.llm:  # the LLM's own tokenizer, our special tokens added
+            load_tokenizer(cfg.train.llm).save(tok_dir)
         else:
             build_world_tokenizer(tok_dir)
+    distributed.barrier()
     tok = load_tokenizer(tok_dir)
     cfg = replace(cfg, model=replace(cfg.model, vocab_size=len(tok)))
-    return cfg, tok
+    return pretrained.resolve(cfg, tok), tok  # architecture of train.llm / train.vision / a diffusers VAE
 
 
 def init_weights_from(model: RFModel, path: str) -> dict:
@@ -163,27 +165,32 @@ def init_weights_from(model: RFModel, path: str) -> dict:
 
 
 def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = True,
-          minutes: float | None = None, device: str = "cpu") -> dict:
+          minutes: float | None = None, device: str | None = None) -> dict:
     """Train a run to cfg.train.steps (or until `minutes` of wall time), checkpointing on the way.
 
     Returns a summary: final step, last logged losses, wall time, tokens/s."""
     out = Path(out)
     validate(cfg)
+    rt = distributed.setup(device or cfg.train.device)  # torchrun's env -> process group; else one process
     cfg, tok = prepare_run(cfg, out, resume)
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
-    dev = torch.device(device)
+    dev = rt.device
     torch.manual_seed(t.seed)
-    model = RFModel(cfg.model).to(dev)
-    init_report = None
-    if t.init and not resume:
-        init_report = init_weights_from(model, t.init)
-    ema = copy.deepcopy(model).requires_grad_(False)
+    init = (lambda m: init_weights_from(m, t.init)) if t.init and not resume else None
+    model, ema, init_report = distributed.build(cfg, dev, init, fresh=not resume)  # sharded when world > 1
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=cfg.optim.betas, fused=False)
     step = 0
     if resume:
         dirs = checkpoint.step_dirs(out / "checkpoints")
+        if dirs and distributed.is_dcp(dirs[-1]):  # sharded: resumes on any number of ranks
+            if json.loads((dirs[-1] / "config.json").read_text())["model"] != cfg.to_json()["model"]:
+                raise RunError(f"--resume: the model config differs from the one saved in {dirs[-1]}")
+            step, dirs = distributed.load(dirs[-1], model, ema, opt)["step"], []
+        if dirs and rt.world > 1:
+            raise RunError(f"--resume: {dirs[-1]} is a single-process checkpoint; start a sharded run from it "
+                           "with --init")
         if dirs:
             state, saved = checkpoint.load(dirs[-1])
             if saved["model"] != cfg.to_json()["model"]:
@@ -193,27 +200,32 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
             opt.load_state_dict(state["optim"])
             torch.set_rng_state(state["rng"])
             step = state["step"]
-    (out / "config.json").write_text(json.dumps(cfg.to_json(), indent=1))
-    stream = ShapesStream(cfg.data, tok, layout_of(cfg.model))
+    if rt.is_main:
+        (out / "config.json").write_text(json.dumps(cfg.to_json(), indent=1))
+    stream = datasources.make_stream(cfg, tok, layout_of(cfg.model))  # the worlds, or real data (data.world=mix)
     vae = VAEEncoder(t.vae, dev) if cfg.model.variant.startswith("vae") else None
-    log = open(out / "log.jsonl", "a")
+    log = distributed.main_file(out / "log.jsonl")  # rank 0 writes, the others write nowhere
     if init_report is not None and step == 0:
         log.write(json.dumps({"init": t.init, **{k: len(v) for k, v in init_report.items()}}) + "\n")
 
     def save():
+        if rt.world > 1:  # sharded step folder (distributed.py), EMA exported as one safetensors file
+            distributed.save(out / "checkpoints", step, model, ema, opt, cfg.to_json(), keep=t.keep)
+            return
         state = {"model": model.state_dict(), "ema": ema.state_dict(), "optim": opt.state_dict(),
                  "step": step, "rng": torch.get_rng_state()}
         checkpoint.save(out / "checkpoints", step, state, cfg.to_json(), weights=ema.state_dict(), keep=t.keep)
 
     start_time, last = time.time(), {}
     tokens_seen, window_t, window_tok = 0, time.time(), 0
-    bar = tqdm(total=t.steps, initial=step, disable=not progress, desc=f"{cfg.model.variant}", dynamic_ncols=True)
+    bar = tqdm(total=t.steps, initial=step, disable=not progress or not rt.is_main, desc=f"{cfg.model.variant}",
+               dynamic_ncols=True)
     model.train()
     while step < t.steps:
         if minutes is not None and time.time() - start_time > minutes * 60:
             break
         t0 = time.time()
-        batch = {k: v.to(dev) for k, v in stream.batch(step, t.batch_size).items()}
+        batch = distributed.local_batch(stream, step, t.batch_size, t.seed, dev)  # this rank's share
         if vae is not None and batch["is_gen"].any():
             batch["gen_x"] = vae(batch["images"])
         for g in opt.param_groups:
@@ -222,7 +234,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
             losses = model(batch)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip)
+        gnorm = distributed.clip_grad_norm_(model.parameters(), cfg.optim.clip)
         opt.step()
         model.update_ema_encoder()
         ema_update(ema, model, min(t.ema, (1 + step) / (10 + step)))  # warmup: early weights fade fast
@@ -235,7 +247,8 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
             now = time.time()
             row = {"step": step, "lr": opt.param_groups[0]["lr"] / opt.param_groups[0]["lr_mult"],
                    "grad_norm": float(gnorm), "step_time": now - t0, "tokens_per_s": window_tok / (now - window_t)}
-            row.update({k: float(v.detach()) for k, v in losses.items()})
+            row.update(distributed.mean_over_ranks(losses))
+            row.update(getattr(stream, "log_stats", dict)())  # real data: samples skipped, per reason
             log.write(json.dumps(row) + "\n")
             log.flush()
             window_t, window_tok = now, 0

@@ -1,0 +1,91 @@
+import gzip
+import struct
+
+import numpy as np
+import pytest
+
+from repforce import fashion as fm
+from repforce.sequence import DataConfig, sample_at
+
+HAVE = fm.available()
+needs_data = pytest.mark.skipif(not HAVE, reason="Fashion-MNIST IDX files absent: apt-get install dataset-fashion-mnist")
+
+
+def _idx(path, arr, magic=0x0803, gz=False, cut=0):
+    head = struct.pack(">HBB", 0, 0x08, arr.ndim) if magic == 0x0803 or magic == 0x0801 else struct.pack(">I", magic)
+    data = head + struct.pack(">" + "I" * arr.ndim, *arr.shape) + arr.astype(np.uint8).tobytes()
+    data = data[: len(data) - cut] if cut else data
+    path.write_bytes(gzip.compress(data) if gz else data)
+    return path
+
+
+def test_idx_reader_round_trip_and_errors(tmp_path):
+    imgs = np.random.default_rng(0).integers(0, 256, (5, 28, 28))
+    assert np.array_equal(fm.read_idx(_idx(tmp_path / "a", imgs)), imgs)
+    assert np.array_equal(fm.read_idx(_idx(tmp_path / "b.gz", imgs, gz=True)), imgs)
+    with pytest.raises(fm.FashionDataError, match="truncated"):
+        fm.read_idx(_idx(tmp_path / "c", imgs, cut=100))
+    with pytest.raises(fm.FashionDataError, match="wrong magic"):
+        fm.read_idx(_idx(tmp_path / "d", imgs, magic=0x12345678))
+    (tmp_path / "e").write_bytes(b"\x00\x00")
+    with pytest.raises(fm.FashionDataError, match="truncated"):
+        fm.read_idx(tmp_path / "e")
+    (tmp_path / "f.gz").write_bytes(b"\x1f\x8b\x08garbage")
+    with pytest.raises(fm.FashionDataError, match="unreadable"):
+        fm.read_idx(tmp_path / "f.gz")
+
+
+def test_missing_files_name_the_package(tmp_path):
+    with pytest.raises(fm.FashionDataError, match="apt-get install dataset-fashion-mnist"):
+        fm.load_split("train", tmp_path)
+
+
+def test_text_from_class_names():
+    assert fm.caption(7) == "a photo of a sneaker"
+    assert fm.caption(9) == "a photo of an ankle boot"
+    assert fm.prompts()[0] == "a photo of a t-shirt" and len(fm.prompts()) == 10
+
+
+def test_canvas():
+    img = np.full((28, 28), 200, np.uint8)
+    c = fm.to_canvas(img, 32)
+    assert c.shape == (32, 32, 3) and c[0, 0, 0] == 0 and c[16, 16, 1] == 200
+    assert fm.to_canvas(img, 32, rgb=False).shape == (32, 32, 1)
+
+
+@needs_data
+def test_real_data_and_stream():
+    x, y = fm.load_split("test")
+    assert x.shape == (10000, 28, 28) and y.shape == (10000,) and set(np.unique(y)) == set(range(10))
+    cfg = DataConfig(world="fashion")
+    kinds = [sample_at(cfg, j) for j in range(40)]
+    assert any(s.is_gen for s in kinds) and any(not s.is_gen for s in kinds)
+    und = [s for s in kinds if not s.is_gen and s.prompt == fm.QUESTION]
+    assert und and all(s.answer in fm.CLASSES for s in und)
+    assert all(s.image.shape == (32, 32, 3) for s in kinds)
+
+
+@needs_data
+def test_shipped_judge_accuracy_floor():
+    judge, meta = fm.load_judge()
+    assert meta["version"] == fm.JUDGE_VERSION and meta["test_accuracy"] >= 0.90
+    x, y = fm.load_split("test")
+    imgs = np.stack([fm.to_canvas(im, 32, rgb=False)[..., 0] for im in x[:3000]])
+    pred, feats = fm.predict(judge, imgs)
+    assert (pred == y[:3000]).mean() >= 0.90
+    # the Frechet distance separates real from wrong: real vs real is small, real vs blurred noise large
+    fd_same = fm.frechet_distance(feats[:1500], feats[1500:])
+    noise = np.random.default_rng(0).integers(0, 256, (1500, 32, 32)).astype(np.uint8)
+    _, nf = fm.predict(judge, noise)
+    assert fd_same * 5 < fm.frechet_distance(nf, feats[1500:])
+
+
+@needs_data
+def test_judge_training_learns(tmp_path):
+    meta = fm.train_judge(tmp_path, epochs=2, limit=4000, progress=False)
+    assert meta["test_accuracy"] > 0.5  # 5x chance after 2 short epochs; the shipped judge reaches >= 0.90 and (tmp_path / "judge.safetensors").exists()
+    judge, m2 = fm.load_judge(tmp_path)
+    assert m2["sha256"] == meta["sha256"]
+    (tmp_path / "judge.safetensors").write_bytes(b"tampered")
+    with pytest.raises(fm.FashionDataError, match="sha256"):
+        fm.load_judge(tmp_path)
