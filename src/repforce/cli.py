@@ -103,6 +103,10 @@ def cmd_train(args) -> None:
         summary = T.train(cfg, Path(args.out), resume=args.resume, progress=not args.quiet, minutes=args.minutes)
     except (C.ConfigError, T.RunError, FileNotFoundError) as e:
         raise UserError(str(e)) from None
+    from .distributed import is_main
+
+    if not is_main():
+        return
     last = summary["last"]
     terms = " ".join(f"{k}={v:.4f}" for k, v in last.items() if k.startswith("loss"))
     print(f"trained {cfg.model.variant} to step {summary['step']} in {summary['wall_s']:.0f}s "
