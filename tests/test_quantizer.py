@@ -107,3 +107,26 @@ def test_bf16_autocast_quantizes_in_fp32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ids, _ = q(feats)
     assert torch.equal(ids, ref)
+
+
+def test_feature_center_removes_the_shared_component():
+    from repforce.quantizer import FeatureCenter
+
+    torch.manual_seed(0)
+    shared = torch.randn(16) * 50
+    feats = shared + torch.randn(4, 10, 16)  # (B, N, D): one big direction shared by every token
+    z = torch.nn.functional.normalize(feats.reshape(-1, 16), dim=-1)
+    assert (z @ z.T).mean() > 0.99
+    c = FeatureCenter(16, momentum=0.9)
+    out = c(feats)
+    assert out.shape == feats.shape and bool(c.ready)
+    assert torch.allclose(c.mean, feats.reshape(-1, 16).mean(0))  # first batch: its own mean
+    zc = torch.nn.functional.normalize(out.reshape(-1, 16), dim=-1)
+    assert (zc @ zc.T).mean().abs() < 0.1
+    before = c.mean.clone()
+    c(feats + 1.0)
+    assert torch.allclose(c.mean, 0.9 * before + 0.1 * (before + 1.0), atol=1e-5)  # momentum update
+    c.eval()
+    frozen = c.mean.clone()
+    c(feats * 3)
+    assert torch.equal(c.mean, frozen)  # no update outside training

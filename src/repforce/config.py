@@ -152,7 +152,7 @@ def preset_tiny() -> Config:
 def preset_shapes() -> Config:
     """The real small run of the shapes world: about 10M parameters (6M active per token), 32x32 images."""
     model = ModelConfig(dim=256, n_layers=5, n_heads=4, n_kv_heads=2, head_dim=64, ffn_hidden=576, enc_dim=192,
-                        enc_layers=4, enc_heads=3, codebook_size=256, repa_layer=2)
+                        enc_layers=4, enc_heads=3, codebook_size=256, repa_layer=2, rep_dead_after=20)
     return Config(model, DataConfig(), OptimConfig(lr=1e-3, warmup=200), TrainConfig(steps=2000, batch_size=32))
 
 

@@ -102,6 +102,41 @@ def perplexity(counts: torch.Tensor) -> torch.Tensor:
     return torch.exp(-(p * p.clamp(min=1e-12).log()).sum())
 
 
+class FeatureCenter(nn.Module):
+    """A running mean of the target features, subtracted before any cosine is taken.
+
+    The pre-norm residual stream of a ViT carries a large component shared by every
+    token: measured on our shapes-world vlm encoder, raw patch features have a mean
+    pairwise cosine of 0.99997, so after L2 normalization every cell looks alike and
+    the quantizer's ids carry almost nothing. Subtracting the running mean (as DINO
+    centers its teacher) leaves the part that differs between cells (mean cosine 0.04).
+    The paper is silent here (its DINOv3 features may not need it); `rep_center` turns
+    it off."""
+
+    def __init__(self, dim: int, momentum: float = 0.99):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("mean", torch.zeros(dim))  # (D,)
+        self.register_buffer("ready", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        """feats (..., D) minus the running mean, which moves toward the batch mean in training mode."""
+        from .distributed import all_sum, world_size
+
+        x = feats.float().reshape(-1, feats.shape[-1])  # (M, D)
+        if self.training:
+            total, count = x.sum(0), torch.tensor(float(x.shape[0]), device=x.device)
+            if world_size() > 1:
+                total, count = all_sum(total), all_sum(count)
+            if count > 0:
+                batch_mean = total / count
+                self.mean.copy_(torch.where(self.ready, self.momentum * self.mean + (1 - self.momentum) * batch_mean,
+                                            batch_mean))
+                self.ready.fill_(True)
+        return (x - self.mean).view(feats.shape)
+
+
 class OnlineQuantizer(nn.Module):
     """Prototypes and usage counters as buffers (they save in the state_dict); updates only in training mode."""
 

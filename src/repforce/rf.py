@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from . import flow
 from .encoder import HF_ENCODERS, Connector, build_encoder, ema_update, patchify, unpatchify
 from .model import KVCache, Transformer
-from .quantizer import BALANCES, OnlineQuantizer, pool2x2
+from .quantizer import BALANCES, FeatureCenter, OnlineQuantizer, pool2x2
 
 PAD, TEXT, ENC, REP, GEN = 0, 1, 2, 3, 4  # values of `kind`
 KIND_TO_EXPERT = (-1, 0, 0, 1, 2)  # pad -> no FFN (model.py); text, encoder -> understanding; rep -> 1; gen -> 2
@@ -83,6 +83,8 @@ class ModelConfig:
     rep_balance: str = "softmax"  # "softmax" (as printed), "sinkhorn" (SwAV) or "none"
     rep_sinkhorn_iters: int = 1  # Sinkhorn iterations when rep_balance="sinkhorn"
     rep_dead_after: int = 100  # updates without assignment before a prototype is re-seeded; 0 = never
+    rep_center: bool = True  # subtract a running mean of the target features before cosines (quantizer.FeatureCenter)
+    rep_center_momentum: float = 0.99  # momentum of that running mean
     t_mean: float = flow.T_MEAN  # logit-normal location of train-time t
     t_std: float = flow.T_STD  # logit-normal scale of train-time t
     t_eps: float = flow.T_EPS  # floor of 1 - t in x -> v
@@ -244,6 +246,8 @@ class RFModel(nn.Module):
         self.connector = Connector(De, D)
         if cfg.needs_ema_encoder:
             self.ema_encoder = copy.deepcopy(self.encoder).requires_grad_(False)  # updated by update_ema_encoder()
+            if cfg.rep_center:
+                self.feat_center = FeatureCenter(cfg.enc_dim, cfg.rep_center_momentum)
         if cfg.has_gen:  # "gen" = pixels or VAE latents: the model only sees gen_x
             self.gen_embed = nn.Linear(cfg.patch_values, D)
             self.gen_pos = nn.Parameter(torch.zeros(cfg.n_gen, D))  # learned 2D position, one row per patch
@@ -379,14 +383,20 @@ class RFModel(nn.Module):
         return self.ema_encoder(images)[0]
 
     @torch.no_grad()
+    def target_features(self, images: torch.Tensor) -> torch.Tensor:
+        """What every representation target is made of: EMA features, centered (FeatureCenter), (B, E, De)."""
+        f = self.ema_features(images)
+        return self.feat_center(f) if hasattr(self, "feat_center") else f
+
+    @torch.no_grad()
     def rep_targets(self, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Rep ids (B, M) of images and codebook stats; prototypes move only in training mode."""
-        return self.quantizer(pool2x2(self.ema_features(images), self.cfg.rep_pool))
+        return self.quantizer(pool2x2(self.target_features(images), self.cfg.rep_pool))
 
     @torch.no_grad()
     def cont_targets(self, images: torch.Tensor) -> torch.Tensor:
-        """pixel_cont targets (B, M, De): pooled EMA features, L2-normalized and scaled to unit RMS per channel."""
-        y = pool2x2(self.ema_features(images), self.cfg.rep_pool).float()
+        """pixel_cont targets (B, M, De): pooled target features, L2-normalized and scaled to unit RMS per channel."""
+        y = pool2x2(self.target_features(images), self.cfg.rep_pool).float()
         return F.normalize(y, dim=-1) * math.sqrt(y.shape[-1])
 
     @torch.no_grad()
@@ -510,7 +520,7 @@ class RFModel(nn.Module):
         if repa:
             out["loss_repa"] = zero
             if G or self.uniform:
-                target = self.ema_features(aux["images"])  # (G, E, De), before the final norm like the rep targets
+                target = self.target_features(aux["images"])  # (G, E, De), before the final norm like the rep targets
                 g = cfg.gen_size // cfg.gen_patch
                 if target.shape[1] != g * g:  # align the encoder grid to the gen grid
                     side = math.isqrt(target.shape[1])
