@@ -242,6 +242,19 @@ def cmd_eval_fashion(args) -> None:
     print(json.dumps(scores, indent=1))
 
 
+def cmd_plot(args) -> None:
+    from .report import loss_figure
+
+    runs = {Path(r).name: Path(r) for r in args.runs}
+    missing = [r for r in runs.values() if not (r / "log.jsonl").exists()]
+    if missing:
+        raise UserError(f"no log.jsonl in {missing[0]}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    loss_figure(runs).savefig(out, dpi=110, bbox_inches="tight")
+    print(f"wrote {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="repforce", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -339,6 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
     jd.add_argument("--epochs", type=int, default=6)
     jd.add_argument("--quiet", action="store_true")
     jd.set_defaults(func=cmd_fashion_judge)
+
+    pl = sub.add_parser("plot", help="loss curves of runs (one panel per term) as a PNG")
+    pl.add_argument("runs", nargs="+")
+    pl.add_argument("--out", required=True)
+    pl.set_defaults(func=cmd_plot)
 
     st = sub.add_parser("study", help="the paper's ablation on the shapes world (resumable)")
     st.add_argument("what", choices=("ablation", "report"))
