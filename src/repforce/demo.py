@@ -24,7 +24,7 @@ from .engine import GenOptions, load
 from .report import prototype_colors, rep_map, write_report
 from .train import RunError, train
 
-SPLIT = {"vlm": 0.2, "pixel_rf": 0.62}  # shares of the budget; the rest is evaluation and the report
+SPLIT = {"vlm": 0.22, "pixel_rf": 0.72}  # shares of the budget; the rest is evaluation and the report
 
 
 def demo(out: str | Path = "runs/demo", minutes: float = 10.0, preset: str = "shapes", seed: int = 0,
