@@ -410,7 +410,7 @@ def export_ema(ema: nn.Module, path: Path, dtype: torch.dtype | None = None) -> 
         full = t.full_tensor() if hasattr(t, "full_tensor") else t  # a collective for sharded tensors
         if f is not None:
             full = full.detach().to("cpu", dtype if (dtype is not None and full.is_floating_point()) else full.dtype)
-            f.write(full.contiguous().view(torch.uint8).numpy().tobytes())
+            f.write(full.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # reshape: 0-dim buffers too
     if f is not None:
         f.flush()
         os.fsync(f.fileno())

@@ -117,7 +117,7 @@ class FeatureCenter(nn.Module):
         super().__init__()
         self.momentum = momentum
         self.register_buffer("mean", torch.zeros(dim))  # (D,)
-        self.register_buffer("ready", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("ready", torch.zeros(()))  # 1.0 once a batch has set the mean (float: FSDP/DCP-friendly)
 
     @torch.no_grad()
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
@@ -131,9 +131,9 @@ class FeatureCenter(nn.Module):
                 total, count = all_sum(total), all_sum(count)
             if count > 0:
                 batch_mean = total / count
-                self.mean.copy_(torch.where(self.ready, self.momentum * self.mean + (1 - self.momentum) * batch_mean,
+                self.mean.copy_(torch.where(self.ready > 0, self.momentum * self.mean + (1 - self.momentum) * batch_mean,
                                             batch_mean))
-                self.ready.fill_(True)
+                self.ready.fill_(1.0)
         return (x - self.mean).view(feats.shape)
 
 
