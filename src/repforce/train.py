@@ -107,15 +107,16 @@ def lr_factor(step: int, cfg: Config) -> float:
 
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """EMA of the parameters; buffers (the quantizer's prototypes, the EMA encoder) copied."""
-    e_params = [p for p in ema.parameters()]
-    m_params = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(e_params, m_params, 1 - decay)
+    """EMA of the parameters; buffers (the quantizer's prototypes) and the EMA encoder (already
+    an average) copied exactly."""
+    pairs = list(zip(ema.named_parameters(), model.parameters()))
+    avg = [(ep, mp.detach()) for (name, ep), mp in pairs if not name.startswith("ema_encoder.")]
+    torch._foreach_lerp_([e for e, _ in avg], [m for _, m in avg], 1 - decay)
+    for (name, ep), mp in pairs:
+        if name.startswith("ema_encoder."):
+            ep.copy_(mp)
     for eb, mb in zip(ema.buffers(), model.buffers()):
         eb.copy_(mb)
-    for (name, ep), mp in zip(ema.named_parameters(), model.parameters()):
-        if name.startswith("ema_encoder."):  # already an EMA: keep it exactly
-            ep.copy_(mp)
 
 
 class VAEEncoder:
