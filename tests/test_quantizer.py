@@ -130,3 +130,54 @@ def test_feature_center_removes_the_shared_component():
     frozen = c.mean.clone()
     c(feats * 3)
     assert torch.equal(c.mean, frozen)  # no update outside training
+
+
+def _clustered(n_per: int, centers: torch.Tensor, noise: float = 0.05, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = centers.repeat_interleave(n_per, 0)
+    return x + noise * torch.randn(x.shape, generator=g)
+
+
+def test_running_statistics_make_ids_independent_of_the_batch():
+    torch.manual_seed(0)
+    centers = F.normalize(torch.randn(6, D), dim=1)
+    probe = _clustered(4, centers, seed=1)  # (24, D)
+    for stats, should_match in (("running", True), ("batch", False)):
+        torch.manual_seed(0)
+        q = OnlineQuantizer(K, D, stats=stats, init="data", dead_after=0)
+        for step in range(20):
+            q(_clustered(16, centers, seed=10 + step))
+        q.eval()
+        alone = q(probe)[0]
+        crowd = q(torch.cat([probe, _clustered(40, centers[:1], seed=99)]))[0][: probe.shape[0]]  # one cluster floods
+        assert torch.equal(alone, crowd) == should_match, stats
+    assert q.col.sum() > 0 or q.stats == "batch"
+
+
+def test_data_init_starts_every_prototype_at_a_feature_and_keeps_usage_broad():
+    torch.manual_seed(0)
+    centers = F.normalize(torch.randn(8, D), dim=1)
+    first = _clustered(64, centers)  # 512 features >= K
+    q = OnlineQuantizer(K, D, init="data", stats="running", momentum=0.99, dead_after=0)
+    assert q.seeded.item() == 0
+    q(first)
+    assert q.seeded.item() == 1
+    z = F.normalize(first, dim=1)
+    assert torch.isclose((q.prototypes @ z.T).max(dim=1).values, torch.tensor(1.0), atol=0.02).all()
+    ids, _ = q.eval()(first)
+    assert len(ids.unique()) >= K // 2  # random unit vectors in this setting win far fewer (next assert)
+    r = OnlineQuantizer(K, D, init="random", stats="running", momentum=0.99, dead_after=0)
+    r(first)
+    assert len(r.eval()(first)[0].unique()) < len(ids.unique())
+    state = q.state_dict()
+    again = OnlineQuantizer(K, D, init="data")
+    again.load_state_dict(state)
+    again(first)  # a resumed quantizer is not re-seeded
+    assert again.seeded.item() == 1
+
+
+def test_bad_quantizer_settings_name_the_field():
+    with pytest.raises(ValueError, match="stats"):
+        OnlineQuantizer(K, D, stats="queue")
+    with pytest.raises(ValueError, match="init"):
+        OnlineQuantizer(K, D, init="kmeans")

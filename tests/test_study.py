@@ -1,6 +1,8 @@
 import json
 
-from repforce import study
+import pytest
+
+from repforce import fashion, study
 from repforce.study_report import verdict, write_results_md
 
 
@@ -20,8 +22,12 @@ def test_tiny_study_is_resumable_and_reported(tmp_path, monkeypatch):
     stamp = (results / "test" / "pixel_s0.json").stat().st_mtime_ns
     study.ablation("test", runs, results, progress=False)
     assert (results / "test" / "pixel_s0.json").stat().st_mtime_ns == stamp
-    md = write_results_md("test", results, tmp_path / "docs" / "RESULTS.md").read_text()
+    (results / "findings.md").write_text("## What we found\n\nhand-written")
+    (results / "bench").mkdir()
+    (results / "bench" / "sampling.jsonl").write_text('# python benchmarks/sampling.py\n{"ratio": 2.0}\n')
+    md = write_results_md(results, tmp_path / "docs" / "RESULTS.md").read_text()
     assert "| `pixel_rf` | 0.76 |" in md and "Codebook size" in md and "![pixel_rf](results/test/grids/" in md
+    assert "hand-written" in md and '{"ratio": 2.0}' in md and "`python benchmarks/sampling.py`" in md
     assert (tmp_path / "docs" / "results" / "test" / "grids").is_dir()
 
 
@@ -29,3 +35,20 @@ def test_tie_rule():
     assert verdict([0.5, 0.6, 0.55], [0.56, 0.58, 0.57]) == "tie"
     assert verdict([0.2, 0.21, 0.22], [0.7, 0.71, 0.72]) == "higher"
     assert verdict([0.7, 0.71, 0.72], [0.2, 0.21, 0.22]) == "lower"
+
+
+@pytest.mark.skipif(not fashion.available(), reason="needs Fashion-MNIST: apt install dataset-fashion-mnist")
+def test_tiny_fashion_study_scores_with_the_judge(tmp_path, monkeypatch):
+    b = study.Budget(vlm_steps=2, vae_steps=2, steps=2, batch_size=4, seeds=(0,), codebooks=(), per_category=1,
+                     n=1, vqa_n=4, preset="tiny", overrides=("train.precision=fp32",), n_fashion=2)
+    monkeypatch.setitem(study.BUDGETS, "test", b)
+    runs, results = tmp_path / "runs", tmp_path / "docs" / "results"
+    done = study.ablation("test", runs, results, progress=False, only=["pixel_s0", "pixel_rf_s0"], world="fashion")
+    assert {r["name"] for r in done} == {"pixel_s0", "pixel_rf_s0"}
+    one = json.loads((results / "fashion_test" / "pixel_rf_s0.json").read_text())
+    assert one["world"] == "fashion" and one["config"]["data"]["world"] == "fashion"
+    assert 0 <= one["fashion"]["class_accuracy"] <= 1 and one["fashion"]["frechet_distance"] > 0
+    assert one["fashion"]["n"] == 2 * len(fashion.CLASSES) and 0 <= one["vqa"] <= 1
+    assert json.loads((results / "fashion_test" / "vae.json").read_text())["world"] == "fashion"
+    md = write_results_md(results, tmp_path / "docs" / "RESULTS.md").read_text()
+    assert "## Fashion-MNIST, test budget" in md and "| `pixel_rf` |" in md and "not** comparable" in md

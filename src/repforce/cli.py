@@ -124,6 +124,17 @@ def cmd_train_vae(args) -> None:
           f"latent scale {meta['scaling_factor']:.3f}; saved to {args.out}")
 
 
+def _need_fashion() -> None:
+    """Stop with the loader's one-line message (it names the Debian package) if Fashion-MNIST is missing."""
+    from . import fashion as fm
+
+    try:
+        fm.load_split("train")
+        fm.load_split("test")
+    except fm.FashionDataError as e:
+        raise UserError(str(e)) from None
+
+
 def _engine(args):
     from . import engine as E
 
@@ -213,9 +224,13 @@ def cmd_study(args) -> None:
     if args.budget not in BUDGETS:
         raise UserError(f"--budget={args.budget!r}: must be one of {tuple(BUDGETS)}")
     if args.what == "ablation":
-        done = ablation(args.budget, args.runs, args.results, progress=not args.quiet, only=args.only)
-        print(f"{len(done)} variant runs recorded in {args.results}/{args.budget}")
-    out = write_results_md(args.budget, Path(args.results), Path(args.results).parent / "RESULTS.md")
+        from .study import folder_name
+
+        if args.world == "fashion":
+            _need_fashion()
+        done = ablation(args.budget, args.runs, args.results, progress=not args.quiet, only=args.only, world=args.world)
+        print(f"{len(done)} variant runs recorded in {args.results}/{folder_name(args.budget, args.world)}")
+    out = write_results_md(Path(args.results), Path(args.results).parent / "RESULTS.md")
     print(f"wrote {out}")
 
 
@@ -358,12 +373,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", required=True)
     pl.set_defaults(func=cmd_plot)
 
-    st = sub.add_parser("study", help="the paper's ablation on the shapes world (resumable)")
+    st = sub.add_parser("study", help="the paper's ablation on the shapes world or Fashion-MNIST (resumable)")
     st.add_argument("what", choices=("ablation", "report"))
     st.add_argument("--budget", default="quick", help="quick (< 30 min) or full (hours)")
     st.add_argument("--runs", default="runs/study", help="where the run folders go")
     st.add_argument("--results", default="docs/results", help="where the result JSONs go (checked in)")
     st.add_argument("--only", nargs="+", help="run only these variant runs (names as in the plan)")
+    st.add_argument("--world", default="shapes", choices=("shapes", "fashion"), help="which world the study runs on")
     st.add_argument("--quiet", action="store_true")
     st.set_defaults(func=cmd_study)
 

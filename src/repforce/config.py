@@ -152,7 +152,9 @@ def preset_tiny() -> Config:
 def preset_shapes() -> Config:
     """The real small run of the shapes world: about 10M parameters (6M active per token), 32x32 images."""
     model = ModelConfig(dim=256, n_layers=5, n_heads=4, n_kv_heads=2, head_dim=64, ffn_hidden=576, enc_dim=192,
-                        enc_layers=4, enc_heads=3, codebook_size=256, repa_layer=2, rep_dead_after=20)
+                        enc_layers=4, enc_heads=3, codebook_size=256, repa_layer=2,
+                        # stable, broad targets on a small batch of mostly empty canvases (quantizer.py docstring)
+                        rep_init="data", rep_balance_stats="running", rep_momentum=0.999, rep_dead_after=0)
     return Config(model, DataConfig(), OptimConfig(lr=1e-3, warmup=200), TrainConfig(steps=2000, batch_size=32))
 
 

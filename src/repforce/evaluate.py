@@ -67,6 +67,18 @@ def captions(engine: Engine, n: int = 100, canvas: int = 32) -> dict:
             "examples": [{"truth": c, "pred": p} for (_, c), p in list(zip(items, preds))[:6]]}
 
 
+def fashion_vqa(engine: Engine, n: int = 500, root: str | Path | None = None) -> float:
+    """Exact-match accuracy of "what is this?" on the first n Fashion-MNIST test images."""
+    from . import fashion as fm
+
+    x_te, y_te = fm.load_split("test", root or fm.DEFAULT_ROOT)
+    imgs = [fm.to_canvas(im, engine.cfg.image_size) for im in x_te[:n]]
+    preds = []
+    for s in range(0, n, 100):
+        preds += engine.answer(imgs[s:s + 100], [fm.QUESTION] * len(imgs[s:s + 100]), max_new_tokens=6)
+    return metrics.vqa_accuracy(preds, [fm.CLASSES[k] for k in y_te[:n]])
+
+
 def fashion(engine: Engine, n_per_class: int = 20, options: GenOptions | None = None, seed: int = 0,
             vqa_n: int = 500, judge_dir: str | Path | None = None, root: str | Path | None = None) -> dict:
     """Fashion-MNIST: class accuracy and Frechet distance (judge features) of n_per_class
@@ -78,11 +90,6 @@ def fashion(engine: Engine, n_per_class: int = 20, options: GenOptions | None = 
     arr, _ = engine.generate_arrays(fm.prompts(), n_per_class, seed, options)
     labels = np.repeat(np.arange(len(fm.CLASSES)), n_per_class)
     scores = fm.score_generated(arr, labels, judge, root)
-    x_te, y_te = fm.load_split("test", root)
-    imgs = [fm.to_canvas(im, engine.cfg.image_size) for im in x_te[:vqa_n]]
-    preds = []
-    for s in range(0, vqa_n, 100):
-        preds += engine.answer(imgs[s:s + 100], [fm.QUESTION] * len(imgs[s:s + 100]), max_new_tokens=6)
-    scores["vqa"] = metrics.vqa_accuracy(preds, [fm.CLASSES[k] for k in y_te[:vqa_n]])
+    scores["vqa"] = fashion_vqa(engine, vqa_n, root)
     scores["judge"] = {"version": meta["version"], "sha256": meta["sha256"], "test_accuracy": meta["test_accuracy"]}
     return scores, arr

@@ -18,6 +18,20 @@ Balancing (`balance=`):
                alternates the two normalizations.
     "none"     plain argmax of s; collapses onto few prototypes when features cluster.
 
+Balancing statistics (`stats=`): the column sums of the balancing step span the positions
+of one batch ("batch", as printed), or a running mean of them over past batches
+("running", decay `stats_decay`, read before this batch is added). With the paper's batch of
+thousands of images the two agree; with 32 images of a mostly empty canvas the batch sums
+jitter, and the same image gets other ids in another batch (measured on the shapes world:
+19% of a probe image's ids changed with its batch). Running statistics make the ids a
+function of the image and the quantizer state only, as a SwAV feature queue does.
+
+Initialization (`init=`): "random" unit prototypes, or "data": on the first training batch
+every prototype is set to a random feature of that batch, so that all of them start where the
+features are. Random unit vectors in a few hundred dimensions are far from every feature; on the
+shapes world only ~20 of 256 of them ever win an argmax, and re-seeding dead ones at random
+features makes the ids churn (docs/RESULTS.md, "The quantizer on the shapes world").
+
 Dead prototypes: a prototype that receives no feature for `dead_after` updates is
 re-seeded at a random feature of the current batch. Everything here runs in fp32
 under no_grad: ids carry no gradient, nothing flows back into the encoder.
@@ -36,6 +50,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 BALANCES = ("softmax", "sinkhorn", "none")
+STATS = ("batch", "running")
+INITS = ("random", "data")
 
 
 def pool2x2(x: torch.Tensor, k: int = 2) -> torch.Tensor:
@@ -56,13 +72,28 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def balance_scores(s: torch.Tensor, balance: str = "softmax", iters: int = 1, all_sum=None) -> torch.Tensor:
+def column_stat(s: torch.Tensor, balance: str, all_sum=None) -> torch.Tensor:
+    """The per-prototype column statistic of the balancing step, as a mean over positions (K,).
+
+    softmax: mean of exp(q); sinkhorn: mean of q (q the softmax of s over prototypes)."""
+    q = torch.softmax(s, dim=1)
+    x = q.exp() if balance == "softmax" else q
+    all_sum = all_sum or _local
+    return all_sum(x.sum(dim=0)) / all_sum(x.new_tensor(float(x.shape[0])))
+
+
+def balance_scores(s: torch.Tensor, balance: str = "softmax", iters: int = 1, all_sum=None,
+                   col: torch.Tensor | None = None) -> torch.Tensor:
     """The balancing step applied to scores s (M, K); the argmax over dim 1 gives the ids.
 
-    all_sum sums a tensor over data-parallel ranks, so columns (positions) span the global batch."""
+    all_sum sums a tensor over data-parallel ranks, so columns (positions) span the global batch.
+    col (K,), if given, replaces the batch's column means (see `column_stat`) in the first step:
+    the running statistics of `OnlineQuantizer(stats="running")`."""
     if balance == "none":
         return s
     q = torch.softmax(s, dim=1)  # over prototypes: each position a distribution
+    if col is not None:  # one step against the running column means; argmax-equivalent to the batch forms
+        return (q.exp() if balance == "softmax" else q) / col.clamp(min=1e-12)
     if balance == "softmax":
         if all_sum is None:
             return torch.softmax(q, dim=0)  # over positions, as printed in the paper
@@ -80,10 +111,10 @@ def balance_scores(s: torch.Tensor, balance: str = "softmax", iters: int = 1, al
 
 
 def assign(z: torch.Tensor, prototypes: torch.Tensor, temperature: float = 0.5, balance: str = "softmax",
-           iters: int = 1, all_sum=None) -> torch.Tensor:
+           iters: int = 1, all_sum=None, col: torch.Tensor | None = None) -> torch.Tensor:
     """Ids (M,) of unit features z (M, D) against unit prototypes (K, D)."""
     s = z @ prototypes.T / temperature  # (M, K) cosine / temperature
-    return balance_scores(s, balance, iters, all_sum).argmax(dim=1)
+    return balance_scores(s, balance, iters, all_sum, col).argmax(dim=1)
 
 
 def momentum_update(prototypes: torch.Tensor, z: torch.Tensor, ids: torch.Tensor, momentum: float,
@@ -141,16 +172,24 @@ class OnlineQuantizer(nn.Module):
     """Prototypes and usage counters as buffers (they save in the state_dict); updates only in training mode."""
 
     def __init__(self, num_codes: int, dim: int, temperature: float = 0.5, momentum: float = 0.99,
-                 balance: str = "softmax", sinkhorn_iters: int = 1, dead_after: int = 100, usage_decay: float = 0.99):
+                 balance: str = "softmax", sinkhorn_iters: int = 1, dead_after: int = 100, usage_decay: float = 0.99,
+                 stats: str = "batch", stats_decay: float = 0.99, init: str = "random"):
         super().__init__()
         if balance not in BALANCES:
             raise ValueError(f"balance must be one of {BALANCES}, got {balance!r}")
+        if stats not in STATS:
+            raise ValueError(f"stats must be one of {STATS}, got {stats!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        self.stats, self.stats_decay, self.init = stats, stats_decay, init
         self.num_codes, self.temperature, self.momentum = num_codes, temperature, momentum
         self.balance, self.sinkhorn_iters = balance, sinkhorn_iters
         self.dead_after, self.usage_decay = dead_after, usage_decay  # dead_after = 0: never re-seed
         self.register_buffer("prototypes", torch.zeros(num_codes, dim))  # (K, D) unit rows
         self.register_buffer("unused", torch.zeros(num_codes, dtype=torch.long))  # updates since last assignment
         self.register_buffer("usage", torch.zeros(num_codes))  # EMA of assignment frequencies
+        self.register_buffer("col", torch.zeros(num_codes))  # running column means of balancing (stats="running"); 0 = unset
+        self.register_buffer("seeded", torch.zeros(()))  # 1.0 once init="data" has set the prototypes from features
         self.reset()
 
     @torch.no_grad()
@@ -159,6 +198,8 @@ class OnlineQuantizer(nn.Module):
         self.prototypes.copy_(F.normalize(torch.randn_like(self.prototypes), dim=1))
         self.unused.zero_()
         self.usage.fill_(1.0 / self.num_codes)
+        self.col.zero_()
+        self.seeded.zero_()
 
     @torch.no_grad()
     def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -169,7 +210,16 @@ class OnlineQuantizer(nn.Module):
         lead, D = feats.shape[:-1], feats.shape[-1]
         with torch.autocast(device_type=feats.device.type, enabled=False):
             z = F.normalize(feats.detach().reshape(-1, D).float(), dim=1)  # (M, D)
-            ids = assign(z, self.prototypes, self.temperature, self.balance, self.sinkhorn_iters, reduce)  # (M,)
+            if self.training and self.init == "data" and not bool(self.seeded > 0):
+                self._seed(z, torch.ones(self.num_codes, dtype=torch.bool, device=z.device), reduce)
+                self.seeded.fill_(1.0)
+            s = z @ self.prototypes.T / self.temperature  # (M, K)
+            running = self.stats == "running" and self.balance != "none"
+            col = self.col if running and bool(self.col.sum() > 0) else None  # the first batch uses its own
+            ids = balance_scores(s, self.balance, self.sinkhorn_iters, reduce, col).argmax(dim=1)  # (M,)
+            if running and self.training:  # this batch joins the running means after its ids are taken
+                now = column_stat(s, self.balance, reduce)
+                self.col.copy_(now if col is None else self.stats_decay * self.col + (1 - self.stats_decay) * now)
             counts = torch.bincount(ids, minlength=self.num_codes)  # (K,)
             if reduce is not None:
                 counts = reduce(counts)
@@ -189,13 +239,18 @@ class OnlineQuantizer(nn.Module):
         dead = self.unused >= self.dead_after  # (K,)
         n_dead = int(dead.sum())
         if n_dead:
-            # re-seed at random live features of this batch, so the prototype starts where data is
-            if reduce is None:
-                pick = torch.randint(z.shape[0], (n_dead,), device=z.device)
-                self.prototypes[dead] = z[pick]
-            else:  # the features of the first rank that has some, so every rank sets the same rows
-                from .distributed import first_nonempty_rows
-
-                self.prototypes[dead] = first_nonempty_rows(z, n_dead)
+            self._seed(z, dead, reduce)
             self.unused[dead] = 0
         return {"rep_dead": torch.tensor(float(n_dead))}
+
+    def _seed(self, z, rows, reduce=None):
+        """Set the prototypes of the boolean mask rows (K,) to random features of this batch, where data is."""
+        n = int(rows.sum())
+        if reduce is None:
+            pick = torch.randperm(z.shape[0], device=z.device)[:n] if n <= z.shape[0] else \
+                torch.randint(z.shape[0], (n,), device=z.device)  # distinct features where the batch allows
+            self.prototypes[rows] = z[pick]
+        else:  # the features of the first rank that has some, so every rank sets the same rows
+            from .distributed import first_nonempty_rows
+
+            self.prototypes[rows] = first_nonempty_rows(z, n)

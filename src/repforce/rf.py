@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from . import flow
 from .encoder import HF_ENCODERS, Connector, build_encoder, ema_update, patchify, unpatchify
 from .model import KVCache, Transformer
-from .quantizer import BALANCES, FeatureCenter, OnlineQuantizer, pool2x2
+from .quantizer import BALANCES, INITS, STATS, FeatureCenter, OnlineQuantizer, pool2x2
 
 PAD, TEXT, ENC, REP, GEN = 0, 1, 2, 3, 4  # values of `kind`
 KIND_TO_EXPERT = (-1, 0, 0, 1, 2)  # pad -> no FFN (model.py); text, encoder -> understanding; rep -> 1; gen -> 2
@@ -82,6 +82,8 @@ class ModelConfig:
     rep_momentum: float = 0.99  # prototype momentum m (0.9999 at scale)
     rep_balance: str = "softmax"  # "softmax" (as printed), "sinkhorn" (SwAV) or "none"
     rep_sinkhorn_iters: int = 1  # Sinkhorn iterations when rep_balance="sinkhorn"
+    rep_init: str = "random"  # prototypes: "random" unit vectors or "data" (features of the first batch)
+    rep_balance_stats: str = "batch"  # column sums of balancing: "batch" (as printed) or "running" (quantizer.py)
     rep_dead_after: int = 100  # updates without assignment before a prototype is re-seeded; 0 = never
     rep_center: bool = True  # subtract a running mean of the target features before cosines (quantizer.FeatureCenter)
     rep_center_momentum: float = 0.99  # momentum of that running mean
@@ -118,6 +120,8 @@ class ModelConfig:
         check((self.image_size // self.enc_patch) % self.rep_pool == 0, "rep_pool", "must divide the encoder grid")
         check(self.gen_size % self.gen_patch == 0, "gen_size", f"not divisible by gen_patch={self.gen_patch}")
         check(self.rep_balance in BALANCES, "rep_balance", f"must be one of {BALANCES}")
+        check(self.rep_init in INITS, "rep_init", f"must be one of {INITS}")
+        check(self.rep_balance_stats in STATS, "rep_balance_stats", f"must be one of {STATS}")
         check(0 <= self.repa_layer < self.n_layers, "repa_layer", f"must be in [0, n_layers={self.n_layers})")
         if self.variant.startswith("pixel"):
             check(self.gen_size == self.image_size, "gen_size", "pixel variants diffuse the image itself")
@@ -259,7 +263,8 @@ class RFModel(nn.Module):
             self.null_rep = nn.Parameter(torch.zeros(D))  # input at every rep slot of a rep-dropped sample
         if cfg.rep_ids:
             self.quantizer = OnlineQuantizer(cfg.codebook_size, De, cfg.rep_temperature, cfg.rep_momentum,
-                                             cfg.rep_balance, cfg.rep_sinkhorn_iters, cfg.rep_dead_after)
+                                             cfg.rep_balance, cfg.rep_sinkhorn_iters, cfg.rep_dead_after,
+                                             stats=cfg.rep_balance_stats, init=cfg.rep_init)
             self.rep_embed = nn.Embedding(cfg.codebook_size, D)  # own table, apart from the text vocabulary
             self.rep_head = nn.Linear(D, cfg.codebook_size, bias=False)
         if cfg.variant == "pixel_cont":

@@ -2,7 +2,8 @@
 
     repforce study ablation --budget quick      # under 30 minutes on 2 CPU cores, wide error bars
     repforce study ablation --budget full       # hours; rerun the same command to continue
-    repforce study report                       # rebuild docs/RESULTS.md from docs/results/*.json
+    repforce study ablation --budget quick --world fashion   # the same on Fashion-MNIST
+    repforce study report                       # rebuild docs/RESULTS.md from docs/results/*/*.json
 
 Protocol (DESIGN.md): one `vlm` run shared by every variant, one VAE for the `vae`
 variants (its cost reported apart), then every variant from the same vlm weights with
@@ -10,6 +11,11 @@ the same data, steps and batch. The four main variants run with several seeds; R
 continuous tokens and the codebook sweep with one. Each finished run writes
 docs/results/<name>.json (scores, curves, config, git commit, wall time); a rerun skips
 what is there, so the study survives being stopped at any point.
+
+Worlds: on `shapes` each run is scored by ShapesEval and held-out VQA; on `fashion`
+(Fashion-MNIST) by the learned judge's class accuracy and Frechet distance of n images per
+class prompt, and VQA ("what is this?") on the test split. Results of a world other than
+shapes go to docs/results/<world>_<budget>/.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ class Budget:
     per_category: int  # ShapesEval prompts per category
     n: int  # images per prompt
     vqa_n: int  # held-out VQA questions
+    n_fashion: int = 20  # Fashion-MNIST: generated images per class prompt
     preset: str = "shapes"
     overrides: tuple[str, ...] = ()
 
@@ -78,11 +85,39 @@ def curves(run: Path, points: int = 60) -> dict[str, list]:
     return {"step": [r["step"] for r in keep], **{k: [r.get(k) for r in keep] for k in keys}}
 
 
-def run_one(spec: dict, b: Budget, root: Path, results: Path, vlm: Path, vae: Path, progress: bool) -> dict:
+WORLDS = ("shapes", "fashion")
+
+
+def folder_name(budget: str, world: str = "shapes") -> str:
+    """Results subfolder of a study: the budget for shapes, <world>_<budget> otherwise."""
+    return budget if world == "shapes" else f"{world}_{budget}"
+
+
+def world_sets(world: str) -> list[str]:
+    return [] if world == "shapes" else [f"data.world={world}"]
+
+
+def evaluate_run(eng, b: Budget, out: Path, world: str, progress: bool) -> tuple[dict, dict]:
+    """Scores of one trained run and the images of its sample grid (rows of equal length)."""
+    if world == "fashion":
+        scores, arr = evaluate.fashion(eng, b.n_fashion, vqa_n=b.vqa_n)
+        per = b.n_fashion
+        rows = [list(arr[k * per:(k + 1) * per][:8]) for k in range(len(arr) // per)]  # one row per class
+        return {"fashion": {k: v for k, v in scores.items() if k != "vqa"}, "vqa": scores["vqa"]}, rows
+    images = evaluate.write_shapeseval(eng, out / "shapeseval", b.n, GenOptions(), 0, b.per_category, progress=progress)
+    scored = shapeseval.score_images(images, b.per_category)
+    vqa = evaluate.vqa(eng, b.vqa_n)
+    plist = shapeseval.prompts(b.per_category)
+    rows = [[images[(p.index, 0)] for p in plist if p.category == cat][:8] for cat in shapeseval.CATEGORIES]
+    return {"shapeseval": scored.scores, "vqa": vqa["accuracy"], "vqa_by_kind": vqa["by_kind"]}, rows
+
+
+def run_one(spec: dict, b: Budget, root: Path, results: Path, vlm: Path, vae: Path, progress: bool,
+            world: str = "shapes") -> dict:
     from .train import train
 
     out = root / spec["name"]
-    sets = [*b.overrides, f"train.steps={b.steps}", f"train.batch_size={b.batch_size}", f"train.seed={spec['seed']}",
+    sets = [*b.overrides, *world_sets(world), f"train.steps={b.steps}", f"train.batch_size={b.batch_size}", f"train.seed={spec['seed']}",
             f"train.init={vlm}", "train.ckpt_every=100000", *spec["sets"]]
     if spec["variant"].startswith("vae"):
         sets.append(f"train.vae={vae}")
@@ -91,57 +126,59 @@ def run_one(spec: dict, b: Budget, root: Path, results: Path, vlm: Path, vae: Pa
     summary = train(cfg, out, resume=resume, progress=progress)
     eng = load(out)
     t0 = time.time()
-    images = evaluate.write_shapeseval(eng, out / "shapeseval", b.n, GenOptions(), 0, b.per_category, progress=progress)
-    scored = shapeseval.score_images(images, b.per_category)
-    vqa = evaluate.vqa(eng, b.vqa_n)
+    scores, rows = evaluate_run(eng, b, out, world, progress)
     grid_path = results / "grids" / f"{spec['name']}.png"
-    save_grid(images, b, grid_path)
-    res = {"name": spec["name"], "variant": spec["variant"], "seed": spec["seed"], "sets": spec["sets"],
-           "shapeseval": scored.scores, "vqa": vqa["accuracy"], "vqa_by_kind": vqa["by_kind"],
-           "train_wall_s": summary["wall_s"], "eval_wall_s": time.time() - t0, "steps": summary["step"],
+    save_grid(rows, grid_path)
+    res = {"name": spec["name"], "variant": spec["variant"], "seed": spec["seed"], "sets": spec["sets"], "world": world,
+           **scores, "train_wall_s": summary["wall_s"], "eval_wall_s": time.time() - t0, "steps": summary["step"],
            "tokens_per_s": summary["tokens_per_s"], "curves": curves(out), "config": cfg.to_json(),
            "commit": git_commit(), "grid": str(grid_path.relative_to(results.parent))}
     (results / f"{spec['name']}.json").write_text(json.dumps(res, indent=1))
     return res
 
 
-def save_grid(images: dict, b: Budget, path: Path) -> None:
-    """One row per category: the first image of its first prompts."""
+def save_grid(image_rows: list[list[np.ndarray]], path: Path, width: int = 8) -> None:
+    """A PNG of rows of images (H, W, 3) uint8, each row padded to `width` with white, 3x nearest upscaled."""
     from PIL import Image
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    plist = shapeseval.prompts(b.per_category)
     rows = []
-    for cat in shapeseval.CATEGORIES:
-        ps = [p for p in plist if p.category == cat][:8]
-        row = [images[(p.index, 0)] for p in ps]
-        row += [np.full_like(row[0], 255)] * (8 - len(row))
+    for row in image_rows:
+        row = list(row[:width]) + [np.full_like(image_rows[0][0], 255)] * (width - len(row[:width]))
         rows.append(np.concatenate([np.pad(r, ((1, 1), (1, 1), (0, 0)), constant_values=255) for r in row], 1))
     Image.fromarray(np.concatenate(rows, 0)).resize((rows[0].shape[1] * 3, len(rows) * rows[0].shape[0] * 3),
                                                     Image.NEAREST).save(path)
 
 
 def ablation(budget: str = "quick", root: str | Path = "runs/study", results: str | Path = "docs/results",
-             progress: bool = True, only: list[str] | None = None) -> list[dict]:
+             progress: bool = True, only: list[str] | None = None, world: str = "shapes") -> list[dict]:
     from .train import train
     from .vae import train_vae
 
     b = BUDGETS[budget]
-    root, results = Path(root) / budget, Path(results) / budget
+    if world not in WORLDS:
+        raise ValueError(f"world={world!r}: must be one of {WORLDS}")
+    name = folder_name(budget, world)
+    root, results = Path(root) / name, Path(results) / name
     results.mkdir(parents=True, exist_ok=True)
     vlm, vae = root / "vlm", root / "vae"
     if not (results / "vlm.json").exists():
-        cfg = C.validate(C.override(C.preset(b.preset, "vlm"), [*b.overrides, f"train.steps={b.vlm_steps}",
+        cfg = C.validate(C.override(C.preset(b.preset, "vlm"), [*b.overrides, *world_sets(world),
+                                                                  f"train.steps={b.vlm_steps}",
                                                                   f"train.batch_size={b.batch_size}"]))
         s = train(cfg, vlm, resume=(vlm / "checkpoints").exists(), progress=progress)
         eng = load(vlm)
-        vqa = evaluate.vqa(eng, b.vqa_n)
+        if world == "fashion":
+            vqa = {"accuracy": evaluate.fashion_vqa(eng, b.vqa_n), "by_kind": {}}
+        else:
+            vqa = evaluate.vqa(eng, b.vqa_n)
         (results / "vlm.json").write_text(json.dumps({"name": "vlm", "variant": "vlm", "vqa": vqa["accuracy"],
+                                                      "world": world,
                                                       "vqa_by_kind": vqa["by_kind"], "train_wall_s": s["wall_s"],
                                                       "steps": s["step"], "curves": curves(vlm),
                                                       "config": cfg.to_json(), "commit": git_commit()}, indent=1))
     if not (results / "vae.json").exists():
-        meta = train_vae(vae, steps=b.vae_steps, batch_size=b.batch_size, progress=progress)
+        meta = train_vae(vae, steps=b.vae_steps, batch_size=b.batch_size, progress=progress, world=world)
         (results / "vae.json").write_text(json.dumps({"name": "vae", **meta, "commit": git_commit()}, indent=1))
     done = []
     for spec in plan(b):
@@ -151,5 +188,5 @@ def ablation(budget: str = "quick", root: str | Path = "runs/study", results: st
         if path.exists():
             done.append(json.loads(path.read_text()))
             continue
-        done.append(run_one(spec, b, root, results, vlm, vae, progress))
+        done.append(run_one(spec, b, root, results, vlm, vae, progress, world))
     return done

@@ -62,13 +62,13 @@ def _images(data: DataConfig, start: int, n: int) -> torch.Tensor:
 
 
 def train_vae(out: str | Path, steps: int = 2000, batch_size: int = 32, lr: float = 1e-3, kl_weight: float = 1e-6,
-              canvas: int = 32, seed: int = 0, progress: bool = True) -> dict:
+              canvas: int = 32, seed: int = 0, progress: bool = True, world: str = "shapes") -> dict:
     """Train the VAE on the world's generation images; save it with its latent scaling."""
     out = Path(out)
     if steps < 1:
         raise ValueError(f"steps={steps}: must be >= 1")
     torch.manual_seed(seed)
-    data = DataConfig(canvas=canvas, seed=seed + 7919)  # its own slice of the train stream
+    data = DataConfig(world=world, canvas=canvas, seed=seed + 7919)  # its own slice of the train stream
     vae = make_vae(canvas=canvas)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     t0 = time.time()
@@ -91,7 +91,7 @@ def train_vae(out: str | Path, steps: int = 2000, batch_size: int = 32, lr: floa
     wall = time.time() - t0
     vae.eval()
     with torch.no_grad():
-        held = _images(DataConfig(canvas=canvas, seed=seed + 104729), 0, 256)
+        held = _images(DataConfig(world=world, canvas=canvas, seed=seed + 104729), 0, 256)
         z = vae.encode(held).latent_dist.mean
         shift, scale = float(z.mean()), float(1.0 / z.std())
         vae.register_to_config(shift_factor=shift, scaling_factor=scale)
@@ -99,7 +99,7 @@ def train_vae(out: str | Path, steps: int = 2000, batch_size: int = 32, lr: floa
         mse = float(F.mse_loss(recon, held))
     psnr = 10 * np.log10(4.0 / mse)  # peak-to-peak 2 in [-1, 1]
     vae.save_pretrained(str(out))
-    meta = {"steps": steps, "batch_size": batch_size, "wall_s": wall, "heldout_mse": mse, "psnr_db": psnr,
+    meta = {"world": world, "steps": steps, "batch_size": batch_size, "wall_s": wall, "heldout_mse": mse, "psnr_db": psnr,
             "shift_factor": shift, "scaling_factor": scale, "params": sum(p.numel() for p in vae.parameters())}
     (out / "vae_meta.json").write_text(json.dumps(meta, indent=1))
     return meta
