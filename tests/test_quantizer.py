@@ -181,3 +181,15 @@ def test_bad_quantizer_settings_name_the_field():
         OnlineQuantizer(K, D, stats="queue")
     with pytest.raises(ValueError, match="init"):
         OnlineQuantizer(K, D, init="kmeans")
+
+
+def test_reseeded_prototype_starts_at_the_average_column_mass():
+    q = OnlineQuantizer(4, 2, momentum=0.9, balance="softmax", stats="running", dead_after=3)
+    with torch.no_grad():
+        q.prototypes.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]]))
+    feats = torch.tensor([[1.0, 0.1], [0.1, 1.0], [1.0, 0.2]])  # never near prototypes 2, 3 (too far to win)
+    q.temperature = 0.05
+    for _ in range(2):
+        q(feats)
+    assert q(feats)[1]["rep_dead"] == 2
+    assert torch.allclose(q.col[2:], q.col[:2].mean().expand(2))

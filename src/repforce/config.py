@@ -154,7 +154,8 @@ def preset_shapes() -> Config:
     model = ModelConfig(dim=256, n_layers=5, n_heads=4, n_kv_heads=2, head_dim=64, ffn_hidden=576, enc_dim=192,
                         enc_layers=4, enc_heads=3, codebook_size=256, repa_layer=2,
                         # stable, broad targets on a small batch of mostly empty canvases (quantizer.py docstring)
-                        rep_init="data", rep_balance_stats="running", rep_momentum=0.999, rep_dead_after=0)
+                        rep_init="data", rep_balance_stats="running", rep_momentum=0.999, rep_dead_after=0,
+                        encoder_ema=0.9999)  # slow target encoder, as at scale: ids that drift stay broad
     return Config(model, DataConfig(), OptimConfig(lr=1e-3, warmup=200), TrainConfig(steps=2000, batch_size=32))
 
 

@@ -241,6 +241,8 @@ class OnlineQuantizer(nn.Module):
         if n_dead:
             self._seed(z, dead, reduce)
             self.unused[dead] = 0
+            if bool(self.col.sum() > 0):  # a re-seeded prototype starts at the average column mass, not its
+                self.col[dead] = self.col[~dead].mean() if bool((~dead).any()) else self.col[dead]  # stale one
         return {"rep_dead": torch.tensor(float(n_dead))}
 
     def _seed(self, z, rows, reduce=None):

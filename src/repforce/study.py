@@ -118,7 +118,7 @@ def run_one(spec: dict, b: Budget, root: Path, results: Path, vlm: Path, vae: Pa
 
     out = root / spec["name"]
     sets = [*b.overrides, *world_sets(world), f"train.steps={b.steps}", f"train.batch_size={b.batch_size}", f"train.seed={spec['seed']}",
-            f"train.init={vlm}", "train.ckpt_every=100000", *spec["sets"]]
+            f"train.init={vlm}", f"train.ckpt_every={max(50, b.steps // 4)}", "train.keep=1", *spec["sets"]]
     if spec["variant"].startswith("vae"):
         sets.append(f"train.vae={vae}")
     cfg = C.validate(C.override(C.preset(b.preset, spec["variant"]), sets))

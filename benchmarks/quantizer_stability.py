@@ -1,0 +1,94 @@
+"""How stable and how broad the representation targets are, per quantizer setting, on the
+frozen encoder of a trained vlm run. Prints one JSON object per (setting, checkpoint step).
+
+    .venv/bin/python benchmarks/quantizer_stability.py --vlm runs/vlm
+
+The quantizer runs alone (no training of the model) for `--steps` batches of the train stream,
+as it would in the joint stage if the encoder stood still. Every 50 batches a fixed probe set of
+64 held-out images is quantized in eval mode and we record:
+  used / ppl   ids in use on the probe set and the perplexity of their histogram (of K),
+  h_pos        mean over rep positions of the entropy (nats) of the id at that position: what a
+               predictor that knows only the position pays,
+  drift        share of probe ids that changed over the last 50 batches (a moving target),
+  batch_dep    share of the ids of 32 probe images that change when they share the batch with 32
+               other images (targets that depend on the batch companions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import torch
+
+from repforce import config as C
+from repforce import world
+from repforce.quantizer import OnlineQuantizer, perplexity, pool2x2
+from repforce.rf import RFModel
+from repforce.train import init_weights_from
+
+SETTINGS = {  # name: OnlineQuantizer keyword arguments over the defaults below
+    "printed": dict(),  # the paper's printed step on the batch, random init, re-seed after 20 idle updates
+    "running": dict(stats="running"),
+    "running_noreseed": dict(stats="running", dead_after=0),
+    "sinkhorn_running": dict(balance="sinkhorn", stats="running", dead_after=0),
+    "no_balance": dict(balance="none", dead_after=0),
+    "data_init_running_m0.999": dict(init="data", stats="running", dead_after=0, momentum=0.999),  # shapes preset
+    "data_init_running_m0.99": dict(init="data", stats="running", dead_after=0),
+}
+BASE = dict(temperature=0.5, momentum=0.99, dead_after=20)
+
+
+def images(split: str, start: int, n: int) -> torch.Tensor:
+    arr = np.stack([world.render(s) for s in world.scenes(split, start, n)])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--vlm", default="runs/vlm", help="a vlm run of the shapes preset")
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS))
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--codes", type=int, default=256)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    cfg = C.preset("shapes", "pixel_rf")
+    model = RFModel(cfg.model)
+    init_weights_from(model, args.vlm)
+    model.eval()
+    cache: dict = {}
+
+    def feats(split, start, n):  # centered, pooled EMA-encoder features (the center moves as in training)
+        if (split, start, n) not in cache:
+            model.feat_center.train()
+            cache[(split, start, n)] = pool2x2(model.target_features(images(split, start, n)), cfg.model.rep_pool)
+        return cache[(split, start, n)]
+
+    probe = feats("heldout", 0, 64)
+    for name in args.settings:
+        kw = {**BASE, **SETTINGS[name]}
+        torch.manual_seed(0)
+        q = OnlineQuantizer(args.codes, probe.shape[-1], **kw)
+        prev = None
+        for step in range(args.steps):
+            q.train()
+            q(feats("train", step * 32, 32))
+            if (step + 1) % 50:
+                continue
+            q.eval()
+            ids = q(probe)[0]  # (64, M)
+            mixed = q(torch.cat([probe[:32], feats("train", 10**6, 32)]))[0][:32]
+            counts = torch.bincount(ids.flatten(), minlength=args.codes)
+            h_pos = np.mean([float(perplexity(torch.bincount(ids[:, j], minlength=args.codes)).log())
+                             for j in range(ids.shape[1])])
+            print(json.dumps({"what": "quantizer_stability", "setting": name, "step": step + 1,
+                              "used": int((counts > 0).sum()), "ppl": float(perplexity(counts)), "h_pos": h_pos,
+                              "drift": None if prev is None else float((ids != prev).float().mean()),
+                              "batch_dep": float((ids[:32] != mixed).float().mean()), "K": args.codes, **kw}),
+                  flush=True)
+            prev = ids
+
+
+if __name__ == "__main__":
+    main()

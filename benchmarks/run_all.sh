@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Run every benchmark with nothing else busy and save its JSON lines under docs/results/bench/,
+# the command on the first line; `repforce study report` puts them into docs/RESULTS.md.
+#   bash benchmarks/run_all.sh                 # all of them (about 15 minutes on 2 cores)
+#   bash benchmarks/run_all.sh sampling scaling
+# quantizer_stability needs a trained shapes vlm run (VLM=runs/vlm by default).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+VLM=${VLM:-runs/vlm}
+OUT=docs/results/bench
+mkdir -p "$OUT"
+declare -A CMD=(
+  [train_throughput]="$PY benchmarks/train_throughput.py --preset shapes --steps 10 --warmup 2"
+  [sampling]="$PY benchmarks/sampling.py --batches 1 64"
+  [peer_transfusion]="$PY benchmarks/peer_transfusion.py --steps 10 --rounds 3"
+  [scaling]="$PY benchmarks/scaling.py"
+  [quantizer_stability]="$PY benchmarks/quantizer_stability.py --vlm $VLM"
+)
+names=("$@")
+[ ${#names[@]} -eq 0 ] && names=(train_throughput sampling peer_transfusion scaling quantizer_stability)
+for n in "${names[@]}"; do
+  [ -n "${CMD[$n]:-}" ] || { echo "unknown benchmark: $n (one of ${!CMD[*]})" >&2; exit 2; }
+  echo "== $n: ${CMD[$n]}" >&2
+  { echo "# .venv/bin/python ${CMD[$n]#"$PY "}"; ${CMD[$n]}; } > "$OUT/$n.jsonl.tmp"
+  mv "$OUT/$n.jsonl.tmp" "$OUT/$n.jsonl"
+done
