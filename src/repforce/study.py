@@ -54,8 +54,9 @@ class Budget:
 
 
 BUDGETS = {
-    # a smaller model so the whole table fits in ~25 minutes on 2 cores
-    "quick": Budget(120, 150, 150, 16, (0, 1, 2), (64, 1024), 5, 2, 60,
+    # a smaller model so the whole table fits in ~25 minutes on 2 cores (one thread per world when the
+    # shapes and fashion studies run side by side)
+    "quick": Budget(800, 300, 400, 16, (0, 1, 2), (64, 1024), 5, 2, 100, n_fashion=10,
                     overrides=("model.dim=128", "model.n_layers=3", "model.ffn_hidden=352", "model.enc_dim=96",
                                "model.enc_layers=2", "model.head_dim=32", "optim.warmup=30")),
     "full": Budget(2000, 2000, 2000, 32, (0, 1, 2), (64, 1024), 20, 4, 300),
