@@ -12,7 +12,7 @@ OUT=docs/results/bench
 mkdir -p "$OUT"
 declare -A CMD=(
   [train_throughput]="$PY benchmarks/train_throughput.py --preset shapes --steps 10 --warmup 2"
-  [sampling]="$PY benchmarks/sampling.py --batches 1 64"
+  [sampling]="$PY benchmarks/sampling.py --batches 1 64 --prompt-repeat 1 8"
   [peer_transfusion]="$PY benchmarks/peer_transfusion.py --steps 10 --rounds 3"
   [scaling]="$PY benchmarks/scaling.py"
   [quantizer_stability]="$PY benchmarks/quantizer_stability.py --vlm $VLM"

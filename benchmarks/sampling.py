@@ -8,6 +8,13 @@ Speed does not depend on the weights, so a fresh model of the preset is as good 
 trained one. "uncached" recomputes the whole sequence (prompt, rep tokens, pixel block) at
 every ODE step and every rep step, which is what a sampler without a KV cache does.
 Prints one JSON object per line. Run nothing else meanwhile.
+
+The pixel-stage saving is bounded by the geometry: a cached ODE step runs the n_gen pixel
+tokens, an uncached one the prefix too, so the ratio is about (prefix + n_gen) / n_gen plus
+attention. `--prompt-repeat R` repeats the prompt R times (a longer prompt, as in real
+captions) to show how the saving grows with the prefix:
+
+    .venv/bin/python benchmarks/sampling.py --batches 64 --prompt-repeat 1 4 8
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ def main():
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--prompt-repeat", type=int, nargs="+", default=[1], help="prompt lengths, as repeats of it")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -56,11 +64,17 @@ def main():
         cfg = C.override(C.preset(args.preset, args.variant), [f"model.vocab_size={len(tok)}"])
         torch.manual_seed(0)
         eng = Engine(RFModel(cfg.model), tok)
+    for repeat in args.prompt_repeat:
+        run(eng, args, " and ".join([PROMPT] * repeat))
+
+
+def run(eng, args, prompt: str) -> None:
     c = eng.cfg
     meta = {"preset": args.preset, "variant": c.variant, "threads": torch.get_num_threads(), "ode_steps": args.steps,
-            "prefix_tokens": len(eng.tok.encode(PROMPT)) + 2 + (c.n_rep if c.rep_slots else 0), "gen_tokens": c.n_gen}
+            "prompt_tokens": len(eng.tok.encode(prompt)),
+            "prefix_tokens": len(eng.tok.encode(prompt)) + 2 + (c.n_rep if c.rep_slots else 0), "gen_tokens": c.n_gen}
     for B in args.batches:
-        prompts = [PROMPT] * B
+        prompts = [prompt] * B
         res = {}
         for name, cache in (("cached", True), ("uncached", False), ("cached", True), ("uncached", False)):
             o = GenOptions(steps=args.steps, use_cache=cache)

@@ -135,6 +135,11 @@ def test_cli_generate_answer_and_api(runs, tmp_path, capsys):
     assert "complete" in capsys.readouterr().out
     assert main(["answer", "--ckpt", run, "--image", str(tmp_path / "g" / "000_00.png"),
                  "--question", "what color is the circle?"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "vqa", "--ckpt", run, "--n", "8", "--captions", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "on 8 held-out questions" in out and "caption exact match" in out
+    assert main(["eval", "vqa", "--ckpt", str(tmp_path / "nope")]) == 2
     assert main(["answer", "--ckpt", str(tmp_path / "nope"), "--image", "x.png", "--caption"]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
     assert main(["generate", "--ckpt", run, "--prompt", " ", "--out", str(tmp_path / "e")]) == 2

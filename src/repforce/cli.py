@@ -245,6 +245,18 @@ def cmd_fashion_judge(args) -> None:
           f"saved to {args.out}")
 
 
+def cmd_eval_vqa(args) -> None:
+    from .evaluate import captions, vqa
+
+    eng = _engine(args)
+    r = vqa(eng, args.n)
+    print(f"VQA accuracy {r['accuracy']:.3f} on {r['n']} held-out questions: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in r["by_kind"].items()))
+    if args.captions:
+        c = captions(eng, args.captions)
+        print(f"caption exact match {c['exact_match']:.3f} on {c['n']} held-out scenes")
+
+
 def cmd_eval_fashion(args) -> None:
     from . import fashion as fm
     from .evaluate import fashion
@@ -297,6 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--strict", action="store_true", help="exit non-zero when any image is missing or unusable")
     es.add_argument("--per-category", dest="per_category", type=int, default=60, help="score the first k prompts per category")
     es.set_defaults(func=cmd_eval_shapes)
+    ev = e.add_parser("vqa", help="VQA accuracy (and caption exact match) on held-out shapes-world scenes")
+    ev.add_argument("--ckpt", required=True)
+    ev.add_argument("--n", type=int, default=300, help="held-out questions")
+    ev.add_argument("--captions", type=int, default=0, help="also caption this many held-out scenes")
+    ev.add_argument("--raw-weights", dest="raw_weights", action="store_true")
+    ev.set_defaults(func=cmd_eval_vqa)
+
     ef = e.add_parser("fashion", help="class accuracy, Frechet distance (judge features) and VQA on Fashion-MNIST")
     ef.add_argument("--ckpt", required=True)
     ef.add_argument("--n", type=int, default=20, help="images per class prompt")

@@ -56,6 +56,11 @@ def verdict(a: list[float], b: list[float]) -> str:
     return "higher" if mb > ma else "lower"
 
 
+def said(b: str, a: str, v: str) -> str:
+    """A verdict as words: `b` ties with / scores higher than / scores lower than `a`."""
+    return f"`{b}` **ties** with `{a}`" if v == "tie" else f"`{b}` scores **{v}** than `{a}`"
+
+
 def curves_png(results: dict[str, dict], path: Path) -> None:
     runs = [r for r in results.values() if "curves" in r and (r["name"].endswith("_s0") or r["name"] == "vlm")
             and "K" not in r["name"]]
@@ -128,10 +133,11 @@ def claims(g: dict[str, list[dict]], score, what: str) -> list[str]:
     for a, bb, claim in checks:
         if a in g and bb in g:
             va, vb = [score(r) for r in g[a]], [score(r) for r in g[bb]]
-            lines.append(f"- {claim}: `{bb}` is **{verdict(va, vb)}** than `{a}` on {what} ({fmt(vb)} vs {fmt(va)}).")
+            weak = " One seed on one side: indicative only." if min(len(va), len(vb)) < 2 else ""
+            lines.append(f"- {claim}: {said(bb, a, verdict(va, vb))} on {what} ({fmt(vb)} vs {fmt(va)}).{weak}")
     if "pixel" in g and "pixel_rf" in g:
         va, vb = [r["vqa"] for r in g["pixel"]], [r["vqa"] for r in g["pixel_rf"]]
-        lines.append(f"- RF helps understanding: VQA of `pixel_rf` is **{verdict(va, vb)}** than `pixel` "
+        lines.append(f"- RF helps understanding: on VQA {said('pixel_rf', 'pixel', verdict(va, vb))} "
                      f"({fmt(vb)} vs {fmt(va)}).")
     return lines
 
