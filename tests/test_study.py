@@ -27,6 +27,7 @@ def test_tiny_study_is_resumable_and_reported(tmp_path, monkeypatch):
     (results / "bench" / "sampling.jsonl").write_text('# python benchmarks/sampling.py\n{"ratio": 2.0}\n')
     md = write_results_md(results, tmp_path / "docs" / "RESULTS.md").read_text()
     assert "| `pixel_rf` | 0.76 |" in md and "Codebook size" in md and "![pixel_rf](results/test/grids/" in md
+    assert "In progress" not in md
     assert "hand-written" in md and '{"ratio": 2.0}' in md and "`python benchmarks/sampling.py`" in md
     assert (tmp_path / "docs" / "results" / "test" / "grids").is_dir()
 
@@ -51,4 +52,5 @@ def test_tiny_fashion_study_scores_with_the_judge(tmp_path, monkeypatch):
     assert one["fashion"]["n"] == 2 * len(fashion.CLASSES) and 0 <= one["vqa"] <= 1
     assert json.loads((results / "fashion_test" / "vae.json").read_text())["world"] == "fashion"
     md = write_results_md(results, tmp_path / "docs" / "RESULTS.md").read_text()
+    assert "**In progress:** 2 of 6 variant runs recorded" in md
     assert "## Fashion-MNIST, test budget" in md and "| `pixel_rf` |" in md and "not** comparable" in md

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .shapeseval import CATEGORIES  # noqa: E402
-from .study import BUDGETS, MAIN, PAPER  # noqa: E402
+from .study import BUDGETS, MAIN, PAPER, plan  # noqa: E402
 
 
 def load_results(folder: Path) -> dict[str, dict]:
@@ -101,7 +101,13 @@ def shapes_section(budget: str, folder: Path, rel: str) -> list[str]:
         lines.append(f"| `vlm` (stage 1) | - | - | {res['vlm']['vqa']:.3f} | {res['vlm']['train_wall_s']:.0f} |")
     if "vae" in res:
         lines += ["", f"The VAE (trained separately, frozen): {res['vae']['steps']} steps in {res['vae']['wall_s']:.0f} s, "
-                  f"held-out PSNR {res['vae']['psnr_db']:.1f} dB. This cost is not in the variants' wall time."]
+                  f"held-out PSNR {res['vae']['psnr_db']:.1f} dB. This cost is not in the variants' wall time. "
+                  f"{res['vae'].get('note', '')}".rstrip()]
+    done, total = sum(len(v) for v in g.values()), len(plan(b))
+    if done < total:
+        lines += ["", f"**In progress:** {done} of {total} variant runs recorded; rerun the command to continue."]
+    if not g:
+        return lines
     lines += ["", f"### The paper's claims, checked ({budget})", ""]
     lines += claims(g, lambda r: r["shapeseval"]["overall"], "ShapesEval")
     sweep = {k: v for k, v in g.items() if k.startswith("pixel_rf K=")}
@@ -178,6 +184,11 @@ def fashion_section(budget: str, folder: Path, rel: str) -> list[str]:
     if "vae" in res:
         lines += ["", f"The VAE on this world: {res['vae']['steps']} steps in {res['vae']['wall_s']:.0f} s, "
                   f"held-out PSNR {res['vae']['psnr_db']:.1f} dB (not in the variants' wall time)."]
+    done, total = sum(len(v) for v in g.values()), len(plan(b))
+    if done < total:
+        lines += ["", f"**In progress:** {done} of {total} variant runs recorded; rerun the command to continue."]
+    if not g:
+        return lines
     lines += ["", f"### The paper's claims on Fashion-MNIST ({budget}, class accuracy)", ""]
     lines += claims(g, lambda r: r["fashion"]["class_accuracy"], "class accuracy")
     return lines + pictures(res, g, folder, rel, "one row per class")
