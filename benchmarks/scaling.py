@@ -31,6 +31,7 @@ from train_throughput import matmul_peak, model_flops  # noqa: E402
 
 from repforce import config as C  # noqa: E402
 from repforce.rf import RFModel  # noqa: E402
+from repforce.study import BUDGETS  # noqa: E402
 from repforce.sequence import ShapesStream  # noqa: E402
 from repforce.tokenizer import build_world_tokenizer  # noqa: E402
 from repforce.train import autocast, layout_of, param_groups  # noqa: E402
@@ -38,8 +39,7 @@ from repforce.train import autocast, layout_of, param_groups  # noqa: E402
 # model sizes beyond the presets: the shapes preset widened and deepened
 MODELS = {
     "tiny": ("tiny", []),
-    "quick": ("shapes", ["model.dim=128", "model.n_layers=3", "model.ffn_hidden=352", "model.enc_dim=96",
-                         "model.enc_layers=2", "model.head_dim=32"]),
+    "quick": ("shapes", list(BUDGETS["quick"].overrides)),  # the quick study's model
     "shapes": ("shapes", []),
     "shapes_x2": ("shapes", ["model.dim=384", "model.n_layers=8", "model.ffn_hidden=1024", "model.n_heads=6",
                              "model.n_kv_heads=2"]),

@@ -103,9 +103,7 @@ def shapes_section(budget: str, folder: Path, rel: str) -> list[str]:
         lines += ["", f"The VAE (trained separately, frozen): {res['vae']['steps']} steps in {res['vae']['wall_s']:.0f} s, "
                   f"held-out PSNR {res['vae']['psnr_db']:.1f} dB. This cost is not in the variants' wall time. "
                   f"{res['vae'].get('note', '')}".rstrip()]
-    done, total = sum(len(v) for v in g.values()), len(plan(b))
-    if done < total:
-        lines += ["", f"**In progress:** {done} of {total} variant runs recorded; rerun the command to continue."]
+    lines += progress(g, b)
     if not g:
         return lines
     lines += ["", f"### The paper's claims, checked ({budget})", ""]
@@ -125,6 +123,14 @@ def shapes_section(budget: str, folder: Path, rel: str) -> list[str]:
         lines.append(f"| `{v}` | " + " | ".join(f"{np.mean([r['shapeseval'][c] for r in rs]):.3f}" for c in CATEGORIES)
                      + " |")
     return lines + pictures(res, g, folder, rel, "one row per category, first prompts")
+
+
+def progress(g: dict[str, list[dict]], b) -> list[str]:
+    """A line saying how many of the budget's variant runs are recorded, if not all."""
+    done, total = sum(len(v) for v in g.values()), len(plan(b))
+    if done >= total:
+        return []
+    return ["", f"**In progress:** {done} of {total} variant runs recorded; rerun the command to continue."]
 
 
 def claims(g: dict[str, list[dict]], score, what: str) -> list[str]:
@@ -184,9 +190,7 @@ def fashion_section(budget: str, folder: Path, rel: str) -> list[str]:
     if "vae" in res:
         lines += ["", f"The VAE on this world: {res['vae']['steps']} steps in {res['vae']['wall_s']:.0f} s, "
                   f"held-out PSNR {res['vae']['psnr_db']:.1f} dB (not in the variants' wall time)."]
-    done, total = sum(len(v) for v in g.values()), len(plan(b))
-    if done < total:
-        lines += ["", f"**In progress:** {done} of {total} variant runs recorded; rerun the command to continue."]
+    lines += progress(g, b)
     if not g:
         return lines
     lines += ["", f"### The paper's claims on Fashion-MNIST ({budget}, class accuracy)", ""]
