@@ -79,10 +79,12 @@ def test_resume_is_bit_for_bit(tmp_path):
     straight, halves = tmp_path / "a", tmp_path / "b"
     cfg = tiny("pixel_rf", steps=12, log_every=1, ckpt_every=6)
     train(cfg, straight, progress=False)
-    train(C.override(cfg, ["train.steps=6"]), halves, progress=False)
+    first = train(C.override(cfg, ["train.steps=6"]), halves, progress=False)
     with pytest.raises(Exception, match="already holds checkpoints"):
         train(cfg, halves, progress=False)  # never clobbers saved work
-    train(cfg, halves, resume=True, progress=False)
+    second = train(cfg, halves, resume=True, progress=False)
+    # the clocks add up over the legs: the summary counts the first leg's time too
+    assert second["wall_s"] > first["wall_s"] > 0 and second["cpu_s"] > first["cpu_s"] > 0
     a = [r["loss"] for r in losses(straight)]
     b = [r["loss"] for r in losses(halves)]
     assert len(a) == len(b) == 12

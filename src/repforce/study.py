@@ -72,8 +72,10 @@ def git_commit() -> str:
 
 def plan(b: Budget) -> list[dict]:
     """Every variant run of the study: name, variant, seed and extra overrides."""
-    runs = [{"name": f"{v}_s{s}", "variant": v, "seed": s, "sets": []} for v in MAIN for s in b.seeds]
-    runs += [{"name": f"{v}_s0", "variant": v, "seed": 0, "sets": []} for v in ("pixel_repa", "pixel_cont")]
+    one = lambda v, s: {"name": f"{v}_s{s}", "variant": v, "seed": s, "sets": []}  # noqa: E731
+    # seed-major, so a study stopped part-way already has one seed of every variant
+    runs = [one(v, b.seeds[0]) for v in (*MAIN, "pixel_repa", "pixel_cont")]
+    runs += [one(v, s) for s in b.seeds[1:] for v in MAIN]
     runs += [{"name": f"pixel_rf_K{k}_s0", "variant": "pixel_rf", "seed": 0, "sets": [f"model.codebook_size={k}"]}
              for k in b.codebooks]
     return runs
@@ -131,7 +133,8 @@ def run_one(spec: dict, b: Budget, root: Path, results: Path, vlm: Path, vae: Pa
     grid_path = results / "grids" / f"{spec['name']}.png"
     save_grid(rows, grid_path)
     res = {"name": spec["name"], "variant": spec["variant"], "seed": spec["seed"], "sets": spec["sets"], "world": world,
-           **scores, "train_wall_s": summary["wall_s"], "eval_wall_s": time.time() - t0, "steps": summary["step"],
+           **scores, "train_wall_s": summary["wall_s"],
+           "train_cpu_s": summary["cpu_s"], "threads": summary["threads"], "eval_wall_s": time.time() - t0, "steps": summary["step"],
            "tokens_per_s": summary["tokens_per_s"], "curves": curves(out), "config": cfg.to_json(),
            "commit": git_commit(), "grid": str(grid_path.relative_to(results.parent))}
     (results / f"{spec['name']}.json").write_text(json.dumps(res, indent=1))
@@ -176,6 +179,7 @@ def ablation(budget: str = "quick", root: str | Path = "runs/study", results: st
         (results / "vlm.json").write_text(json.dumps({"name": "vlm", "variant": "vlm", "vqa": vqa["accuracy"],
                                                       "world": world,
                                                       "vqa_by_kind": vqa["by_kind"], "train_wall_s": s["wall_s"],
+                                                      "train_cpu_s": s["cpu_s"], "threads": s["threads"],
                                                       "steps": s["step"], "curves": curves(vlm),
                                                       "config": cfg.to_json(), "commit": git_commit()}, indent=1))
     if not (results / "vae.json").exists():

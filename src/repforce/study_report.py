@@ -49,6 +49,17 @@ def fmt(vals: list[float]) -> str:
     return f"{m:.3f} ± {s:.3f} (n={len(vals)})" if len(vals) > 1 else f"{m:.3f} (n=1)"
 
 
+TIME_NOTE = ["", "Train CPU s is the process's CPU time over all its threads (recorded since the runs of 2026-11-29); "
+             "the wall time also counts waiting for a core while another job shared this 2-core machine, and pauses."]
+
+
+def cost(rs: list[dict]) -> str:
+    """Mean training wall seconds and, where recorded, process CPU seconds (which a paused job does not inflate)."""
+    cpu = [r["train_cpu_s"] for r in rs if "train_cpu_s" in r]
+    wall = f"{np.mean([r['train_wall_s'] for r in rs]):.0f}"
+    return f"{wall} | {np.mean(cpu):.0f}" if len(cpu) == len(rs) else f"{wall} | -"
+
+
 def verdict(a: list[float], b: list[float]) -> str:
     (ma, sa), (mb, sb) = stat(a), stat(b)
     if abs(ma - mb) <= max(sa, sb):
@@ -91,14 +102,16 @@ def shapes_section(budget: str, folder: Path, rel: str) -> list[str]:
              f"weights and data; ShapesEval {b.per_category} prompts/category x {b.n} images; VQA {b.vqa_n} held-out "
              f"questions; preset `{b.preset}` with {list(b.overrides) or 'no overrides'}. "
              f"Reproduce: `repforce study ablation --budget {budget}`.", ""]
-    lines += ["| variant | paper GenEval | ShapesEval overall | VQA accuracy | train wall s |", "|---|---|---|---|---|"]
+    lines += ["| variant | paper GenEval | ShapesEval overall | VQA accuracy | train wall s | train CPU s |",
+              "|---|---|---|---|---|---|"]
     for v in (*MAIN, "pixel_repa", "pixel_cont"):
         if v in g:
             rs = g[v]
             lines.append(f"| `{v}` | {PAPER[v]:.2f} | {fmt([r['shapeseval']['overall'] for r in rs])} | "
-                         f"{fmt([r['vqa'] for r in rs])} | {np.mean([r['train_wall_s'] for r in rs]):.0f} |")
+                         f"{fmt([r['vqa'] for r in rs])} | {cost(rs)} |")
     if "vlm" in res:
-        lines.append(f"| `vlm` (stage 1) | - | - | {res['vlm']['vqa']:.3f} | {res['vlm']['train_wall_s']:.0f} |")
+        lines.append(f"| `vlm` (stage 1) | - | - | {res['vlm']['vqa']:.3f} | {cost([res['vlm']])} |")
+    lines += TIME_NOTE
     if "vae" in res:
         lines += ["", f"The VAE (trained separately, frozen): {res['vae']['steps']} steps in {res['vae']['wall_s']:.0f} s, "
                   f"held-out PSNR {res['vae']['psnr_db']:.1f} dB. This cost is not in the variants' wall time. "
@@ -178,15 +191,17 @@ def fashion_section(budget: str, folder: Path, rel: str) -> list[str]:
              "That distance is this world's FID: it is **not** comparable to Inception FID, and with few images per "
              "variant it is biased upward, equally for every variant. VQA: \"what is this?\" on the test split. "
              f"Reproduce: `repforce study ablation --budget {budget} --world fashion`.", "",
-             "| variant | class accuracy | Frechet distance | VQA accuracy | train wall s |", "|---|---|---|---|---|"]
+             "| variant | class accuracy | Frechet distance | VQA accuracy | train wall s | train CPU s |",
+             "|---|---|---|---|---|---|"]
     for v in (*MAIN, "pixel_repa", "pixel_cont", *sorted(k for k in g if k.startswith("pixel_rf K="))):
         if v in g:
             rs = g[v]
             lines.append(f"| `{v}` | {fmt([r['fashion']['class_accuracy'] for r in rs])} | "
                          f"{fmt([r['fashion']['frechet_distance'] for r in rs])} | {fmt([r['vqa'] for r in rs])} | "
-                         f"{np.mean([r['train_wall_s'] for r in rs]):.0f} |")
+                         f"{cost(rs)} |")
     if "vlm" in res:
-        lines.append(f"| `vlm` (stage 1) | - | - | {res['vlm']['vqa']:.3f} | {res['vlm']['train_wall_s']:.0f} |")
+        lines.append(f"| `vlm` (stage 1) | - | - | {res['vlm']['vqa']:.3f} | {cost([res['vlm']])} |")
+    lines += TIME_NOTE
     if "vae" in res:
         lines += ["", f"The VAE on this world: {res['vae']['steps']} steps in {res['vae']['wall_s']:.0f} s, "
                   f"held-out PSNR {res['vae']['psnr_db']:.1f} dB (not in the variants' wall time)."]

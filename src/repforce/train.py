@@ -182,7 +182,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
     init = (lambda m: init_weights_from(m, t.init)) if t.init and not resume else None
     model, ema, init_report = distributed.build(cfg, dev, init, fresh=not resume)  # sharded when world > 1
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=cfg.optim.betas, fused=False)
-    step = 0
+    step, spent = 0, {"wall_s": 0.0, "cpu_s": 0.0}  # time of the earlier legs of a resumed run
     if resume:
         dirs = checkpoint.step_dirs(out / "checkpoints")
         if dirs and distributed.is_dcp(dirs[-1]):  # sharded: resumes on any number of ranks
@@ -201,6 +201,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
             opt.load_state_dict(state["optim"])
             torch.set_rng_state(state["rng"])
             step = state["step"]
+            spent = state.get("clock", spent)
     if rt.is_main:
         (out / "config.json").write_text(json.dumps(cfg.to_json(), indent=1))
     stream = datasources.make_stream(cfg, tok, layout_of(cfg.model))  # the worlds, or real data (data.world=mix)
@@ -214,10 +215,15 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
             distributed.save(out / "checkpoints", step, model, ema, opt, cfg.to_json(), keep=t.keep)
             return
         state = {"model": model.state_dict(), "ema": ema.state_dict(), "optim": opt.state_dict(),
-                 "step": step, "rng": torch.get_rng_state()}
+                 "step": step, "rng": torch.get_rng_state(), "clock": clock()}
         checkpoint.save(out / "checkpoints", step, state, cfg.to_json(), weights=ema.state_dict(), keep=t.keep)
 
-    start_time, last = time.time(), {}
+    start_time, start_cpu, last = time.time(), time.process_time(), {}
+
+    def clock() -> dict:  # wall and process CPU seconds over every leg; CPU time does not count a SIGSTOP pause
+        return {"wall_s": spent["wall_s"] + time.time() - start_time,
+                "cpu_s": spent["cpu_s"] + time.process_time() - start_cpu}
+
     tokens_seen, window_t, window_tok = 0, time.time(), 0
     bar = tqdm(total=t.steps, initial=step, disable=not progress or not rt.is_main, desc=f"{cfg.model.variant}",
                dynamic_ncols=True)
@@ -262,8 +268,8 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
     save()
     log.close()
     wall = time.time() - start_time
-    return {"step": step, "wall_s": wall, "tokens_per_s": tokens_seen / max(wall, 1e-9), "last": last,
-            "run": str(out)}
+    return {"step": step, **clock(), "threads": torch.get_num_threads(), "tokens_per_s": tokens_seen / max(wall, 1e-9),
+            "last": last, "run": str(out)}
 
 
 def load_run_config(out: Path) -> Config:
