@@ -36,6 +36,13 @@ SETTINGS = {  # name: OnlineQuantizer keyword arguments over the defaults below
     "no_balance": dict(balance="none", dead_after=0),
     "data_init_running_m0.999": dict(init="data", stats="running", dead_after=0, momentum=0.999),  # shapes preset
     "data_init_running_m0.99": dict(init="data", stats="running", dead_after=0),
+    # the preset with SwAV's sharper assignment temperature (its epsilon is 0.05): balancing that bites
+    "preset_sinkhorn_T0.05": dict(init="data", stats="running", dead_after=0, momentum=0.999, balance="sinkhorn",
+                                  temperature=0.05),
+    "preset_sinkhorn_T0.1": dict(init="data", stats="running", dead_after=0, momentum=0.999, balance="sinkhorn",
+                                 temperature=0.1),
+    "preset_sinkhorn": dict(init="data", stats="running", dead_after=0, momentum=0.999, balance="sinkhorn"),
+    "preset_softmax_T0.05": dict(init="data", stats="running", dead_after=0, momentum=0.999, temperature=0.05),
 }
 BASE = dict(temperature=0.5, momentum=0.99, dead_after=20)
 

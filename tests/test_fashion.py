@@ -53,6 +53,45 @@ def test_canvas():
     assert fm.to_canvas(img, 32, rgb=False).shape == (32, 32, 1)
 
 
+def test_composites_put_each_item_in_its_half():
+    a, b = np.full((28, 28), 200, np.uint8), np.full((28, 28), 60, np.uint8)
+    c = fm.pair_canvas(a, b, 32)
+    assert c.shape == (32, 32, 3)
+    assert c[16, 4, 0] == 200 and c[16, 28, 0] == 60  # left item, right item
+    assert c[2, 4, 0] == 0 and c[30, 28, 0] == 0  # half-size items, centered vertically: black above and below
+    left, right = fm.pair_halves(c[None])
+    assert left.shape == right.shape == (1, 32, 32)
+    assert left[0, 16, 16] == 200 and right[0, 16, 16] == 60  # each half back at judge size
+    assert np.array_equal(left[0, 2:30, 2:30], fm.half_item(a, 16))  # the pair judge trains on what it will read
+    assert fm.pair_caption(8, 5) == "a bag to the left of a sandal"
+    assert fm.pair_caption(9, 0) == "an ankle boot to the left of a t-shirt"
+    pairs = fm.pair_prompts(20)
+    assert len(set(pairs)) == 20 and all(i != j for i, j in pairs) and pairs == fm.pair_prompts(20)
+
+
+@needs_data
+def test_composite_stream_and_judge():
+    cfg = DataConfig(world="fashion", fashion_pairs=1.0)
+    samples = [sample_at(cfg, j) for j in range(40)]
+    gen = [s for s in samples if s.is_gen and s.prompt]
+    und = [s for s in samples if not s.is_gen and s.prompt in fm.PAIR_QUESTIONS]
+    assert gen and all(" to the left of " in s.prompt for s in gen)
+    assert und and all(s.answer in fm.CLASSES for s in und)
+    # off by default: no composite in the stream
+    plain = [sample_at(DataConfig(world="fashion"), j) for j in range(40)]
+    assert not any(" to the left of " in s.prompt + s.answer or s.prompt in fm.PAIR_QUESTIONS for s in plain)
+    judge, meta = fm.load_judge(fm.ASSETS / "fashion_pair_judge")
+    assert meta["version"] == fm.PAIR_JUDGE_VERSION and meta["item"] == 16
+    real = fm.pair_ceiling(judge, n=300)
+    assert real["pair_accuracy"] >= 0.6 and real["swapped"] < 0.02
+    # the same composites scored against the swapped order: the judge sees the order, not just the items
+    x, y = fm.load_split("test")
+    imgs = np.stack([fm.pair_canvas(x[i], x[i + 1]) for i in range(0, 200, 2) if y[i] != y[i + 1]])
+    truth = np.array([(y[i], y[i + 1]) for i in range(0, 200, 2) if y[i] != y[i + 1]])
+    right, wrong = fm.score_pairs(imgs, truth, judge), fm.score_pairs(imgs, truth[:, ::-1], judge)
+    assert right["pair_accuracy"] > 0.5 > wrong["pair_accuracy"] + 0.3 and wrong["swapped"] == right["pair_accuracy"]
+
+
 @needs_data
 def test_real_data_and_stream():
     x, y = fm.load_split("test")

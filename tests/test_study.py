@@ -41,7 +41,8 @@ def test_tie_rule():
 @pytest.mark.skipif(not fashion.available(), reason="needs Fashion-MNIST: apt install dataset-fashion-mnist")
 def test_tiny_fashion_study_scores_with_the_judge(tmp_path, monkeypatch):
     b = study.Budget(vlm_steps=2, vae_steps=2, steps=2, batch_size=4, seeds=(0,), codebooks=(), per_category=1,
-                     n=1, vqa_n=4, preset="tiny", overrides=("train.precision=fp32",), n_fashion=2)
+                     n=1, vqa_n=4, preset="tiny", overrides=("train.precision=fp32",), n_fashion=2,
+                     fashion_pairs=0.5, n_pairs=2)
     monkeypatch.setitem(study.BUDGETS, "test", b)
     runs, results = tmp_path / "runs", tmp_path / "docs" / "results"
     done = study.ablation("test", runs, results, progress=False, only=["pixel_s0", "pixel_rf_s0"], world="fashion")
@@ -50,7 +51,12 @@ def test_tiny_fashion_study_scores_with_the_judge(tmp_path, monkeypatch):
     assert one["world"] == "fashion" and one["config"]["data"]["world"] == "fashion"
     assert 0 <= one["fashion"]["class_accuracy"] <= 1 and one["fashion"]["frechet_distance"] > 0
     assert one["fashion"]["n"] == 2 * len(fashion.CLASSES) and 0 <= one["vqa"] <= 1
+    assert one["config"]["data"]["fashion_pairs"] == 0.5  # composites trained and scored
+    pairs = one["fashion"]["pairs"]
+    assert pairs["n"] == 2 * study.PER_PAIR and 0 <= pairs["pair_accuracy"] <= pairs["item_accuracy"] <= 1
+    assert pairs["ceiling"] > 0.6
     assert json.loads((results / "fashion_test" / "vae.json").read_text())["world"] == "fashion"
     md = write_results_md(results, tmp_path / "docs" / "RESULTS.md").read_text()
     assert "**In progress:** 2 of 6 variant runs recorded" in md
     assert "## Fashion-MNIST, test budget" in md and "| `pixel_rf` |" in md and "not** comparable" in md
+    assert "### Two-item composites" in md

@@ -238,11 +238,12 @@ def cmd_fashion_judge(args) -> None:
     from . import fashion as fm
 
     try:
-        meta = fm.train_judge(args.out, args.root, epochs=args.epochs, progress=not args.quiet)
+        meta = fm.train_judge(args.out or (fm.ASSETS / ("fashion_pair_judge" if args.item else "fashion_judge")),
+                              args.root, epochs=args.epochs, progress=not args.quiet, item=args.item)
     except fm.FashionDataError as e:
         raise UserError(str(e)) from None
     print(f"judge {meta['version']}: test accuracy {meta['test_accuracy']:.4f}, sha256 {meta['sha256'][:16]}...; "
-          f"saved to {args.out}")
+          f"saved")
 
 
 def cmd_eval_vqa(args) -> None:
@@ -263,7 +264,7 @@ def cmd_eval_fashion(args) -> None:
 
     eng = _engine(args)
     try:
-        scores, _ = fashion(eng, args.n, seed=args.seed, vqa_n=args.vqa_n, root=args.root)
+        scores, _, _ = fashion(eng, args.n, seed=args.seed, vqa_n=args.vqa_n, root=args.root, n_pairs=args.pairs)
     except fm.FashionDataError as e:
         raise UserError(str(e)) from None
     print(json.dumps(scores, indent=1))
@@ -322,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     ef.add_argument("--vqa-n", dest="vqa_n", type=int, default=500)
     ef.add_argument("--seed", type=int, default=0)
     ef.add_argument("--root", default="/usr/share/datasets/fashion-mnist")
+    ef.add_argument("--pairs", type=int, default=0,
+                    help="also score this many two-item prompts ('a bag to the left of a sandal'), 4 images each")
     ef.add_argument("--raw-weights", dest="raw_weights", action="store_true")
     ef.set_defaults(func=cmd_eval_fashion)
 
@@ -381,7 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     fj = sub.add_parser("fashion", help="Fashion-MNIST world").add_subparsers(dest="what", required=True)
     jd = fj.add_parser("judge", help="train the judge classifier on the train split")
-    jd.add_argument("--out", default="src/repforce/assets/fashion_judge")
+    jd.add_argument("--out", default="", help="default: the package's assets/fashion_judge (fashion_pair_judge)")
+    jd.add_argument("--item", type=int, default=0,
+                    help="train the pair judge: items shrunk to ITEM px as in composites (16 on the 32 px canvas)")
     jd.add_argument("--root", default="/usr/share/datasets/fashion-mnist")
     jd.add_argument("--epochs", type=int, default=6)
     jd.add_argument("--quiet", action="store_true")

@@ -115,7 +115,7 @@ def validate(cfg: Config) -> Config:
          "must be cpu, cuda, cuda:N or auto")
     need(m.image_size % m.gen_patch == 0 or not m.variant.startswith("pixel"), "model.image_size", m.image_size,
          f"not divisible by model.gen_patch={m.gen_patch}")
-    for name in ("gen_fraction", "prompt_fraction", "caption_fraction", "drop_text", "drop_rep"):
+    for name in ("gen_fraction", "prompt_fraction", "caption_fraction", "drop_text", "drop_rep", "fashion_pairs"):
         v = getattr(d, name)
         need(0 <= v <= 1, f"data.{name}", v, "must be in [0, 1]")
     if m.variant.startswith("vae"):

@@ -80,9 +80,13 @@ def fashion_vqa(engine: Engine, n: int = 500, root: str | Path | None = None) ->
 
 
 def fashion(engine: Engine, n_per_class: int = 20, options: GenOptions | None = None, seed: int = 0,
-            vqa_n: int = 500, judge_dir: str | Path | None = None, root: str | Path | None = None) -> dict:
+            vqa_n: int = 500, judge_dir: str | Path | None = None, root: str | Path | None = None,
+            n_pairs: int = 0, n_per_pair: int = 4) -> tuple[dict, np.ndarray, np.ndarray | None]:
     """Fashion-MNIST: class accuracy and Frechet distance (judge features) of n_per_class
-    images per class prompt, and VQA accuracy ("what is this?") on the first vqa_n test images."""
+    images per class prompt, and VQA accuracy ("what is this?") on the first vqa_n test images.
+    With n_pairs, also n_per_pair composites for each of n_pairs two-item prompts ("a bag to the
+    left of a sandal"), scored for both items in order, beside the judge's ceiling on real ones.
+    Returns the scores, the class images (class-major) and the composite images (pair-major) or None."""
     from . import fashion as fm
 
     root = root or fm.DEFAULT_ROOT
@@ -90,6 +94,14 @@ def fashion(engine: Engine, n_per_class: int = 20, options: GenOptions | None = 
     arr, _ = engine.generate_arrays(fm.prompts(), n_per_class, seed, options)
     labels = np.repeat(np.arange(len(fm.CLASSES)), n_per_class)
     scores = fm.score_generated(arr, labels, judge, root)
+    pairs = None
+    if n_pairs:
+        pj, pmeta = fm.load_judge(fm.ASSETS / "fashion_pair_judge")
+        plist = fm.pair_prompts(n_pairs)
+        pairs, _ = engine.generate_arrays([fm.pair_caption(a, b) for a, b in plist], n_per_pair, seed, options)
+        scores["pairs"] = {**fm.score_pairs(pairs, np.repeat(np.array(plist), n_per_pair, 0), pj),
+                           "ceiling": fm.pair_ceiling(pj, root, canvas=engine.cfg.image_size)["pair_accuracy"],
+                           "judge": {"version": pmeta["version"], "sha256": pmeta["sha256"]}}
     scores["vqa"] = fashion_vqa(engine, vqa_n, root)
     scores["judge"] = {"version": meta["version"], "sha256": meta["sha256"], "test_accuracy": meta["test_accuracy"]}
-    return scores, arr
+    return scores, arr, pairs

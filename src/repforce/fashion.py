@@ -10,6 +10,13 @@ replicated to RGB. Text comes from the class names: "a photo of a sneaker" for
 generation, "what is this?" -> "sneaker" and "describe the image." -> "a photo of a
 sneaker" for understanding.
 
+Two-item composites (`data.fashion_pairs`, the share of samples that are composites; 0 by
+default): two items of different classes, each shrunk to half the canvas side, side by
+side: "a bag to the left of a sandal", "what is on the left?" -> "bag". The judge reads
+each half separately (shrunk item back to judge size); a composite scores when both items
+are the prompted classes in the prompted order. Its accuracy on real composites of the
+test split is the ceiling of that score.
+
 The judge is a small CNN trained on the train split only; its test-split accuracy is
 recorded beside its weights with a version and a sha256. A generated image scores when
 the judge sees the prompted class; the Frechet distance between the judge's penultimate
@@ -35,8 +42,10 @@ DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 JUDGE_VERSION = "fashion-judge-v1"
+PAIR_JUDGE_VERSION = "fashion-pair-judge-v1"  # the judge of half-size items (composites)
 ASSETS = Path(__file__).parent / "assets"
 QUESTION = "what is this?"
+PAIR_QUESTIONS = ("what is on the left?", "what is on the right?")
 
 
 class FashionDataError(Exception):
@@ -118,6 +127,73 @@ def to_canvas(img: np.ndarray, canvas: int = 32, rgb: bool = True) -> np.ndarray
     return np.repeat(out[..., None], 3, axis=2) if rgb else out[..., None]
 
 
+def pair_canvas(a: np.ndarray, b: np.ndarray, canvas: int = 32, rgb: bool = True) -> np.ndarray:
+    """Two 28x28 items side by side on one canvas, each shrunk to canvas/2 and centered vertically."""
+    from PIL import Image
+
+    h = canvas // 2
+    out = np.zeros((canvas, canvas), np.uint8)
+    for k, img in enumerate((a, b)):
+        out[h // 2:h // 2 + h, k * h:(k + 1) * h] = np.asarray(Image.fromarray(img).resize((h, h), Image.LANCZOS))
+    return np.repeat(out[..., None], 3, axis=2) if rgb else out[..., None]
+
+
+def half_item(img: np.ndarray, h: int) -> np.ndarray:
+    """A 28x28 item as the pair judge sees it in a composite: shrunk to h x h, grown back to 28 x 28."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(img).resize((h, h), Image.LANCZOS).resize((28, 28), Image.BICUBIC))
+
+
+def pair_halves(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Left and right items of composites (N, C, C[, 3]) as judge-sized canvases (N, 32, 32)."""
+    from PIL import Image
+
+    x = np.asarray(images)
+    x = x.mean(-1).round().astype(np.uint8) if x.ndim == 4 else x
+    h = x.shape[1] // 2
+    grow = lambda im: np.asarray(Image.fromarray(im).resize((28, 28), Image.BICUBIC))  # noqa: E731
+    side = [np.stack([to_canvas(grow(im[h // 2:h // 2 + h, k * h:(k + 1) * h]), 32, rgb=False)[..., 0] for im in x])
+            for k in (0, 1)]
+    return side[0], side[1]
+
+
+def pair_caption(left: int, right: int) -> str:
+    a, b = CLASSES[left], CLASSES[right]
+    return f"{article(a)} {a} to the left of {article(b)} {b}"
+
+
+def pair_prompts(n: int = 20, seed: int = 0) -> list[tuple[int, int]]:
+    """A fixed, seeded set of n ordered class pairs (distinct classes) for evaluation."""
+    pairs = [(i, j) for i in range(len(CLASSES)) for j in range(len(CLASSES)) if i != j]
+    pick = np.random.default_rng(seed).permutation(len(pairs))[:n]
+    return [pairs[k] for k in sorted(pick)]
+
+
+def score_pairs(images: np.ndarray, pairs: np.ndarray, judge: "Judge") -> dict:
+    """Composites (N, C, C[, 3]) against their prompted (left, right) classes (N, 2): both items
+    right in the right order; each item alone; and the share drawn in swapped order."""
+    left, right = pair_halves(images)
+    pl, _ = predict(judge, left)
+    pr, _ = predict(judge, right)
+    pairs = np.asarray(pairs)
+    return {"pair_accuracy": float(((pl == pairs[:, 0]) & (pr == pairs[:, 1])).mean()),
+            "item_accuracy": float(((pl == pairs[:, 0]).mean() + (pr == pairs[:, 1]).mean()) / 2),
+            "swapped": float(((pl == pairs[:, 1]) & (pr == pairs[:, 0])).mean()), "n": int(len(pairs))}
+
+
+def pair_ceiling(judge: "Judge", root: str | Path = DEFAULT_ROOT, n: int = 1000, canvas: int = 32,
+                 seed: int = 0) -> dict:
+    """score_pairs on n real composites of the test split: the best a generator can score."""
+    x, y = load_split("test", root)
+    rng = np.random.default_rng(seed)
+    i = rng.integers(len(x), size=4 * n)
+    j = rng.integers(len(x), size=4 * n)
+    keep = np.flatnonzero(y[i] != y[j])[:n]
+    imgs = np.stack([pair_canvas(x[a], x[b], canvas, rgb=False)[..., 0] for a, b in zip(i[keep], j[keep])])
+    return score_pairs(imgs, np.stack([y[i[keep]], y[j[keep]]], 1), judge)
+
+
 def article(name: str) -> str:
     return "an" if name[0] in "aeiou" else "a"
 
@@ -144,6 +220,18 @@ def sample(cfg, j: int, gen_fraction: float):
     imgs, labels = load_split("train", cfg.fashion_root)
     i = int(rng.integers(len(imgs)))
     image, label = to_canvas(imgs[i], cfg.canvas), int(labels[i])
+    if cfg.fashion_pairs > 0 and rng.random() < cfg.fashion_pairs:  # no extra draw when off: streams unchanged
+        k = int(rng.integers(len(imgs)))
+        while labels[k] == label:
+            k = int(rng.integers(len(imgs)))
+        image, right = pair_canvas(imgs[i], imgs[k], cfg.canvas), int(labels[k])
+        if rng.random() < gen_fraction:
+            drop_text, drop_rep = rng.random() < cfg.drop_text, rng.random() < cfg.drop_rep
+            return Sample(True, image, "" if drop_text else pair_caption(label, right), "", drop_rep)
+        if rng.random() < cfg.caption_fraction:
+            return Sample(False, image, caption_question(), pair_caption(label, right))
+        side = int(rng.integers(2))
+        return Sample(False, image, PAIR_QUESTIONS[side], CLASSES[(label, right)[side]])
     if rng.random() < gen_fraction:
         drop_text, drop_rep = rng.random() < cfg.drop_text, rng.random() < cfg.drop_rep
         return Sample(True, image, "" if drop_text else caption(label), "", drop_rep)
@@ -207,8 +295,11 @@ def predict(judge: Judge, images: np.ndarray, bs: int = 1000) -> tuple[np.ndarra
 
 
 def train_judge(out: str | Path, root: str | Path = DEFAULT_ROOT, epochs: int = 6, seed: int = 0,
-                limit: int | None = None, progress: bool = True) -> dict:
-    """Train the judge on the train split only (random crops and flips), report test accuracy, save."""
+                limit: int | None = None, progress: bool = True, item: int = 0) -> dict:
+    """Train the judge on the train split only (random crops and flips), report test accuracy, save.
+
+    item > 0 trains the pair judge: every image is first shrunk to item x item and grown back,
+    as the items of a composite on a 2 * item canvas are read (`pair_halves`)."""
     from safetensors.torch import save_file
     from tqdm import tqdm
 
@@ -218,7 +309,8 @@ def train_judge(out: str | Path, root: str | Path = DEFAULT_ROOT, epochs: int = 
     x_te, y_te = load_split("test", root)
     if limit:
         x_tr, y_tr = x_tr[:limit], y_tr[:limit]
-    canvas = np.stack([to_canvas(im, 32, rgb=False)[..., 0] for im in x_tr])  # (N, 32, 32)
+    look = (lambda im: half_item(im, item)) if item else (lambda im: im)  # noqa: E731
+    canvas = np.stack([to_canvas(look(im), 32, rgb=False)[..., 0] for im in x_tr])  # (N, 32, 32)
     judge = Judge()
     steps = epochs * ((len(canvas) + 127) // 128)
     opt = torch.optim.AdamW(judge.parameters(), lr=4e-3, weight_decay=5e-4)
@@ -239,21 +331,23 @@ def train_judge(out: str | Path, root: str | Path = DEFAULT_ROOT, epochs: int = 
             sched.step()
             bar.update(1)
     bar.close()
-    test_imgs = np.stack([to_canvas(im, 32, rgb=False)[..., 0] for im in x_te])
+    test_imgs = np.stack([to_canvas(look(im), 32, rgb=False)[..., 0] for im in x_te])
     pred, _ = predict(judge, test_imgs)
     acc = float((pred == y_te).mean())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     weights = out / "judge.safetensors"
     save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, str(weights))
-    meta = {"version": JUDGE_VERSION, "test_accuracy": acc, "epochs": epochs, "seed": seed,
+    meta = {"version": PAIR_JUDGE_VERSION if item else JUDGE_VERSION, "item": item, "test_accuracy": acc,
+            "epochs": epochs, "seed": seed,
             "train_images": int(len(canvas)), "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
     (out / "judge.json").write_text(json.dumps(meta, indent=1))
     return meta
 
 
 def load_judge(folder: str | Path = ASSETS / "fashion_judge") -> tuple[Judge, dict]:
-    """The judge and its metadata; the weights' sha256 must match the recorded one."""
+    """The judge and its metadata; the weights' sha256 must match the recorded one.
+    The pair judge (half-size items of composites) is in ASSETS / "fashion_pair_judge"."""
     from safetensors.torch import load_file
 
     folder = Path(folder)

@@ -33,6 +33,7 @@ PAD, TEXT, ENC, REP, GEN = 0, 1, 2, 3, 4  # position kinds
 class DataConfig:
     world: str = "shapes"  # data source: "shapes" or "fashion" (Fashion-MNIST, see fashion.py)
     fashion_root: str = "/usr/share/datasets/fashion-mnist"  # folder of the Fashion-MNIST IDX files
+    fashion_pairs: float = 0.0  # Fashion-MNIST: share of two-item composites ("a bag to the left of a sandal")
     canvas: int = 32  # image side, pixels
     gen_fraction: float = 0.5  # share of generation samples in a batch (the vlm variant uses 0)
     prompt_fraction: float = 0.5  # share of generation captions written as ShapesEval-style prompts

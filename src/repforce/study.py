@@ -33,6 +33,7 @@ from . import evaluate, shapeseval
 from .engine import GenOptions, load
 from .report import read_log
 
+PER_PAIR = 4  # Fashion-MNIST composites: images per two-item prompt
 MAIN = ("pixel", "pixel_rf", "vae", "vae_rf")
 PAPER = {"pixel": 0.25, "pixel_rf": 0.76, "vae": 0.52, "vae_rf": 0.77, "pixel_repa": 0.43, "pixel_cont": 0.26}
 
@@ -49,6 +50,8 @@ class Budget:
     n: int  # images per prompt
     vqa_n: int  # held-out VQA questions
     n_fashion: int = 20  # Fashion-MNIST: generated images per class prompt
+    fashion_pairs: float = 0.0  # Fashion-MNIST: share of two-item composites in training (data.fashion_pairs)
+    n_pairs: int = 20  # Fashion-MNIST with composites: two-item prompts scored, 4 images each
     preset: str = "shapes"
     overrides: tuple[str, ...] = ()
 
@@ -59,7 +62,7 @@ BUDGETS = {
     "quick": Budget(800, 300, 400, 16, (0, 1, 2), (64, 1024), 5, 2, 100, n_fashion=10,
                     overrides=("model.dim=128", "model.n_layers=3", "model.ffn_hidden=352", "model.enc_dim=96",
                                "model.enc_layers=2", "model.head_dim=32", "optim.warmup=30")),
-    "full": Budget(2000, 2000, 2000, 32, (0, 1, 2), (64, 1024), 20, 4, 300),
+    "full": Budget(2000, 2000, 2000, 32, (0, 1, 2), (64, 1024), 20, 4, 300, fashion_pairs=0.2),
 }
 
 
@@ -96,16 +99,21 @@ def folder_name(budget: str, world: str = "shapes") -> str:
     return budget if world == "shapes" else f"{world}_{budget}"
 
 
-def world_sets(world: str) -> list[str]:
-    return [] if world == "shapes" else [f"data.world={world}"]
+def world_sets(world: str, b: Budget) -> list[str]:
+    if world == "shapes":
+        return []
+    return [f"data.world={world}", *([f"data.fashion_pairs={b.fashion_pairs}"] if b.fashion_pairs else [])]
 
 
 def evaluate_run(eng, b: Budget, out: Path, world: str, progress: bool) -> tuple[dict, dict]:
     """Scores of one trained run and the images of its sample grid (rows of equal length)."""
     if world == "fashion":
-        scores, arr = evaluate.fashion(eng, b.n_fashion, vqa_n=b.vqa_n)
+        n_pairs = b.n_pairs if b.fashion_pairs else 0
+        scores, arr, pairs = evaluate.fashion(eng, b.n_fashion, vqa_n=b.vqa_n, n_pairs=n_pairs, n_per_pair=PER_PAIR)
         per = b.n_fashion
         rows = [list(arr[k * per:(k + 1) * per][:8]) for k in range(len(arr) // per)]  # one row per class
+        if pairs is not None:  # two rows of composites: the first image of each of 16 pair prompts
+            rows += [list(pairs[::PER_PAIR][:8]), list(pairs[::PER_PAIR][8:16])]
         return {"fashion": {k: v for k, v in scores.items() if k != "vqa"}, "vqa": scores["vqa"]}, rows
     images = evaluate.write_shapeseval(eng, out / "shapeseval", b.n, GenOptions(), 0, b.per_category, progress=progress)
     scored = shapeseval.score_images(images, b.per_category)
@@ -120,7 +128,7 @@ def run_one(spec: dict, b: Budget, root: Path, results: Path, vlm: Path, vae: Pa
     from .train import train
 
     out = root / spec["name"]
-    sets = [*b.overrides, *world_sets(world), f"train.steps={b.steps}", f"train.batch_size={b.batch_size}", f"train.seed={spec['seed']}",
+    sets = [*b.overrides, *world_sets(world, b), f"train.steps={b.steps}", f"train.batch_size={b.batch_size}", f"train.seed={spec['seed']}",
             f"train.init={vlm}", f"train.ckpt_every={max(50, b.steps // 4)}", "train.keep=1", *spec["sets"]]
     if spec["variant"].startswith("vae"):
         sets.append(f"train.vae={vae}")
@@ -167,7 +175,7 @@ def ablation(budget: str = "quick", root: str | Path = "runs/study", results: st
     results.mkdir(parents=True, exist_ok=True)
     vlm, vae = root / "vlm", root / "vae"
     if not (results / "vlm.json").exists():
-        cfg = C.validate(C.override(C.preset(b.preset, "vlm"), [*b.overrides, *world_sets(world),
+        cfg = C.validate(C.override(C.preset(b.preset, "vlm"), [*b.overrides, *world_sets(world, b),
                                                                   f"train.steps={b.vlm_steps}",
                                                                   f"train.batch_size={b.batch_size}"]))
         s = train(cfg, vlm, resume=(vlm / "checkpoints").exists(), progress=progress)
@@ -183,7 +191,8 @@ def ablation(budget: str = "quick", root: str | Path = "runs/study", results: st
                                                       "steps": s["step"], "curves": curves(vlm),
                                                       "config": cfg.to_json(), "commit": git_commit()}, indent=1))
     if not (results / "vae.json").exists():
-        meta = train_vae(vae, steps=b.vae_steps, batch_size=b.batch_size, progress=progress, world=world)
+        meta = train_vae(vae, steps=b.vae_steps, batch_size=b.batch_size, progress=progress, world=world,
+                         fashion_pairs=b.fashion_pairs if world == "fashion" else 0.0)
         (results / "vae.json").write_text(json.dumps({"name": "vae", **meta, "commit": git_commit()}, indent=1))
     done = []
     for spec in plan(b):

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .shapeseval import CATEGORIES  # noqa: E402
-from .study import BUDGETS, MAIN, PAPER, plan  # noqa: E402
+from .study import PER_PAIR, BUDGETS, MAIN, PAPER, plan  # noqa: E402
 
 
 def load_results(folder: Path) -> dict[str, dict]:
@@ -210,7 +210,29 @@ def fashion_section(budget: str, folder: Path, rel: str) -> list[str]:
         return lines
     lines += ["", f"### The paper's claims on Fashion-MNIST ({budget}, class accuracy)", ""]
     lines += claims(g, lambda r: r["fashion"]["class_accuracy"], "class accuracy")
-    return lines + pictures(res, g, folder, rel, "one row per class")
+    lines += pairs_table(g, b)
+    rows = "one row per class" + (", then two rows of composites" if b.fashion_pairs else "")
+    return lines + pictures(res, g, folder, rel, rows)
+
+
+def pairs_table(g: dict[str, list[dict]], b) -> list[str]:
+    """Two-item composites ("a bag to the left of a sandal"), where the budget trains them."""
+    have = {v: [r for r in rs if "pairs" in r["fashion"]] for v, rs in g.items()}
+    have = {v: rs for v, rs in have.items() if rs}
+    if not have:
+        return []
+    ceiling = next(iter(have.values()))[0]["fashion"]["pairs"]["ceiling"]
+    lines = ["", "### Two-item composites", "",
+             f"{b.fashion_pairs:.0%} of training samples are two items side by side, each at half size. "
+             f"{b.n_pairs} two-item prompts x {PER_PAIR} images per variant; the judge reads each half. A composite "
+             f"scores when both items are the prompted classes in the prompted order; on real composites of the "
+             f"test split the judge scores {ceiling:.3f}, the ceiling. *Swapped*: both items drawn, in the wrong order.",
+             "", "| variant | both items, in order | each item | swapped |", "|---|---|---|---|"]
+    for v, rs in have.items():
+        p = [r["fashion"]["pairs"] for r in rs]
+        lines.append(f"| `{v}` | {fmt([x['pair_accuracy'] for x in p])} | {fmt([x['item_accuracy'] for x in p])} | "
+                     f"{fmt([x['swapped'] for x in p])} |")
+    return lines
 
 
 def bench_section(folder: Path) -> list[str]:

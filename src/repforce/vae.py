@@ -62,7 +62,8 @@ def _images(data: DataConfig, start: int, n: int) -> torch.Tensor:
 
 
 def train_vae(out: str | Path, steps: int = 2000, batch_size: int = 32, lr: float = 1e-3, kl_weight: float = 1e-6,
-              canvas: int = 32, seed: int = 0, progress: bool = True, world: str = "shapes") -> dict:
+              canvas: int = 32, seed: int = 0, progress: bool = True, world: str = "shapes",
+              fashion_pairs: float = 0.0) -> dict:
     """Train the VAE on the world's generation images; save it with its latent scaling."""
     out = Path(out)
     if steps < 1:
@@ -70,7 +71,8 @@ def train_vae(out: str | Path, steps: int = 2000, batch_size: int = 32, lr: floa
     from .train import autocast
 
     torch.manual_seed(seed)
-    data = DataConfig(world=world, canvas=canvas, seed=seed + 7919)  # its own slice of the train stream
+    # its own slice of the train stream
+    data = DataConfig(world=world, canvas=canvas, seed=seed + 7919, fashion_pairs=fashion_pairs)
     vae = make_vae(canvas=canvas)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     t0 = time.time()
@@ -93,7 +95,7 @@ def train_vae(out: str | Path, steps: int = 2000, batch_size: int = 32, lr: floa
     wall = time.time() - t0
     vae.eval()
     with torch.no_grad():
-        held = _images(DataConfig(world=world, canvas=canvas, seed=seed + 104729), 0, 256)
+        held = _images(DataConfig(world=world, canvas=canvas, seed=seed + 104729, fashion_pairs=fashion_pairs), 0, 256)
         z = vae.encode(held).latent_dist.mean
         shift, scale = float(z.mean()), float(1.0 / z.std())
         vae.register_to_config(shift_factor=shift, scaling_factor=scale)
