@@ -3,11 +3,13 @@
 # the command on the first line; `repforce study report` puts them into docs/RESULTS.md.
 #   bash benchmarks/run_all.sh                 # all of them (about 15 minutes on 2 cores)
 #   bash benchmarks/run_all.sh sampling scaling
-# quantizer_stability needs a trained shapes vlm run (VLM=runs/vlm by default).
+# quantizer_stability needs a trained shapes vlm run (VLM=runs/vlm by default); quantizer_drift_* also a
+# pixel_rf run trained from it (RF=runs/pixel_rf): is narrow codebook use in training the features' or the training's?
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 VLM=${VLM:-runs/vlm}
+RF=${RF:-runs/pixel_rf}
 OUT=docs/results/bench
 mkdir -p "$OUT"
 declare -A CMD=(
@@ -16,6 +18,8 @@ declare -A CMD=(
   [peer_transfusion]="$PY benchmarks/peer_transfusion.py --steps 10 --rounds 3"
   [scaling]="$PY benchmarks/scaling.py"
   [quantizer_stability]="$PY benchmarks/quantizer_stability.py --vlm $VLM"
+  [quantizer_drift_vlm]="$PY benchmarks/quantizer_stability.py --vlm $VLM --stream gen --settings shapes_preset --steps 1000"
+  [quantizer_drift_rf]="$PY benchmarks/quantizer_stability.py --vlm $RF --stream gen --settings shapes_preset --steps 1000"
 )
 names=("$@")
 [ ${#names[@]} -eq 0 ] && names=(train_throughput sampling peer_transfusion scaling quantizer_stability)

@@ -75,8 +75,22 @@ def test_config_rejects_bad_values_naming_the_field():
         tiny(image_size=18)
     with pytest.raises(ValueError, match="model.gen_size"):
         tiny("pixel", gen_size=8)
+    with pytest.raises(ValueError, match="model.encoder_ema"):
+        tiny(encoder_ema=1.5)
     cfg = ModelConfig()  # the shapes-sized defaults
     assert (cfg.n_enc, cfg.n_rep, cfg.n_gen) == (64, 16, 64)
+
+
+@pytest.mark.parametrize("decay", [0.9, 1.0])
+def test_target_encoder_follows_the_encoder_unless_frozen(decay):
+    model = build(encoder_ema=decay)
+    before = [p.clone() for p in model.ema_encoder.parameters()]
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(1.0)
+    model.update_ema_encoder()
+    moved = [not torch.equal(a, b) for a, b in zip(before, model.ema_encoder.parameters())]
+    assert all(moved) if decay < 1 else not any(moved)  # 1.0: stationary targets (the shapes preset)
 
 
 # ---------------------------------------------------------------- attention mask

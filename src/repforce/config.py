@@ -155,7 +155,9 @@ def preset_shapes() -> Config:
                         enc_layers=4, enc_heads=3, codebook_size=256, repa_layer=2,
                         # stable, broad targets on a small batch of mostly empty canvases (quantizer.py docstring)
                         rep_init="data", rep_balance_stats="running", rep_momentum=0.999, rep_dead_after=0,
-                        encoder_ema=0.9999)  # slow target encoder, as at scale: ids that drift stay broad
+                        # targets from the stage-1 (vlm) encoder, frozen: with any EMA (0.999, 0.9999) this small,
+                        # still-learning encoder drifts, prototypes it leaves die, and codebook use narrows (findings.md)
+                        encoder_ema=1.0)
     return Config(model, DataConfig(), OptimConfig(lr=1e-3, warmup=200), TrainConfig(steps=2000, batch_size=32))
 
 

@@ -71,7 +71,8 @@ class ModelConfig:
     enc_heads: int = 3  # encoder attention heads
     enc_patch: int = 4  # encoder patch side in pixels
     enc_mlp_ratio: float = 4.0  # encoder MLP hidden / width
-    encoder_ema: float = 0.999  # decay of the EMA encoder that gives rep / REPA targets, per update_ema_encoder()
+    encoder_ema: float = 0.999  # decay of the EMA encoder that gives rep / REPA targets, per update_ema_encoder();
+    # 1.0 keeps the targets' encoder as initialized (from the vlm stage): stationary targets
     gen_channels: int = 3  # channels of the diffused tensor gen_x (3 pixels, 4 VAE latents)
     gen_size: int = 32  # side of gen_x (32 pixels, 8 latents)
     gen_patch: int = 4  # patch side of gen_x (4 pixels, 1 latents)
@@ -122,6 +123,7 @@ class ModelConfig:
         check(self.rep_balance in BALANCES, "rep_balance", f"must be one of {BALANCES}")
         check(self.rep_init in INITS, "rep_init", f"must be one of {INITS}")
         check(self.rep_balance_stats in STATS, "rep_balance_stats", f"must be one of {STATS}")
+        check(0 <= self.encoder_ema <= 1, "encoder_ema", "must be in [0, 1] (1 = frozen target encoder)")
         check(0 <= self.repa_layer < self.n_layers, "repa_layer", f"must be in [0, n_layers={self.n_layers})")
         if self.variant.startswith("pixel"):
             check(self.gen_size == self.image_size, "gen_size", "pixel variants diffuse the image itself")
