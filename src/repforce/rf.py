@@ -409,8 +409,9 @@ class RFModel(nn.Module):
     @torch.no_grad()
     def update_ema_encoder(self, decay: float | None = None) -> None:
         """ema_encoder <- EMA of encoder; call after each optimizer step."""
-        if hasattr(self, "ema_encoder"):
-            ema_update(self.ema_encoder, self.encoder, self.cfg.encoder_ema if decay is None else decay)
+        decay = self.cfg.encoder_ema if decay is None else decay
+        if hasattr(self, "ema_encoder") and decay < 1:  # 1.0: frozen targets, nothing to do
+            ema_update(self.ema_encoder, self.encoder, decay)
 
     # ------------------------------------------------------------ training forward
 
