@@ -80,7 +80,7 @@ def test_composite_stream_and_judge():
     # off by default: no composite in the stream
     plain = [sample_at(DataConfig(world="fashion"), j) for j in range(40)]
     assert not any(" to the left of " in s.prompt + s.answer or s.prompt in fm.PAIR_QUESTIONS for s in plain)
-    judge, meta = fm.load_judge(fm.ASSETS / "fashion_pair_judge")
+    judge, meta = fm.load_judge(fm.PAIR_JUDGE_DIR)
     assert meta["version"] == fm.PAIR_JUDGE_VERSION and meta["item"] == 16
     real = fm.pair_ceiling(judge, n=300)
     assert real["pair_accuracy"] >= 0.6 and real["swapped"] < 0.02

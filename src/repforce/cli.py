@@ -237,13 +237,13 @@ def cmd_study(args) -> None:
 def cmd_fashion_judge(args) -> None:
     from . import fashion as fm
 
+    out = args.out or (fm.PAIR_JUDGE_DIR if args.item else fm.JUDGE_DIR)
     try:
-        meta = fm.train_judge(args.out or (fm.ASSETS / ("fashion_pair_judge" if args.item else "fashion_judge")),
-                              args.root, epochs=args.epochs, progress=not args.quiet, item=args.item)
+        meta = fm.train_judge(out, args.root, epochs=args.epochs, progress=not args.quiet, item=args.item)
     except fm.FashionDataError as e:
         raise UserError(str(e)) from None
     print(f"judge {meta['version']}: test accuracy {meta['test_accuracy']:.4f}, sha256 {meta['sha256'][:16]}...; "
-          f"saved")
+          f"saved to {out}")
 
 
 def cmd_eval_vqa(args) -> None:

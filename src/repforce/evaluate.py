@@ -96,7 +96,7 @@ def fashion(engine: Engine, n_per_class: int = 20, options: GenOptions | None = 
     scores = fm.score_generated(arr, labels, judge, root)
     pairs = None
     if n_pairs:
-        pj, pmeta = fm.load_judge(fm.ASSETS / "fashion_pair_judge")
+        pj, pmeta = fm.load_judge(fm.PAIR_JUDGE_DIR)
         plist = fm.pair_prompts(n_pairs)
         pairs, _ = engine.generate_arrays([fm.pair_caption(a, b) for a, b in plist], n_per_pair, seed, options)
         scores["pairs"] = {**fm.score_pairs(pairs, np.repeat(np.array(plist), n_per_pair, 0), pj),

@@ -44,6 +44,7 @@ FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
 JUDGE_VERSION = "fashion-judge-v1"
 PAIR_JUDGE_VERSION = "fashion-pair-judge-v1"  # the judge of half-size items (composites)
 ASSETS = Path(__file__).parent / "assets"
+JUDGE_DIR, PAIR_JUDGE_DIR = ASSETS / "fashion_judge", ASSETS / "fashion_pair_judge"  # shipped judges
 QUESTION = "what is this?"
 PAIR_QUESTIONS = ("what is on the left?", "what is on the right?")
 
@@ -124,7 +125,12 @@ def to_canvas(img: np.ndarray, canvas: int = 32, rgb: bool = True) -> np.ndarray
         from PIL import Image
 
         out = np.asarray(Image.fromarray(img).resize((canvas, canvas), Image.BICUBIC))
-    return np.repeat(out[..., None], 3, axis=2) if rgb else out[..., None]
+    return _channels(out, rgb)
+
+
+def _channels(gray: np.ndarray, rgb: bool) -> np.ndarray:
+    """(H, W) gray -> (H, W, 3) replicated, or (H, W, 1)."""
+    return np.repeat(gray[..., None], 3, axis=2) if rgb else gray[..., None]
 
 
 def pair_canvas(a: np.ndarray, b: np.ndarray, canvas: int = 32, rgb: bool = True) -> np.ndarray:
@@ -135,7 +141,7 @@ def pair_canvas(a: np.ndarray, b: np.ndarray, canvas: int = 32, rgb: bool = True
     out = np.zeros((canvas, canvas), np.uint8)
     for k, img in enumerate((a, b)):
         out[h // 2:h // 2 + h, k * h:(k + 1) * h] = np.asarray(Image.fromarray(img).resize((h, h), Image.LANCZOS))
-    return np.repeat(out[..., None], 3, axis=2) if rgb else out[..., None]
+    return _channels(out, rgb)
 
 
 def half_item(img: np.ndarray, h: int) -> np.ndarray:
@@ -345,9 +351,9 @@ def train_judge(out: str | Path, root: str | Path = DEFAULT_ROOT, epochs: int = 
     return meta
 
 
-def load_judge(folder: str | Path = ASSETS / "fashion_judge") -> tuple[Judge, dict]:
+def load_judge(folder: str | Path = JUDGE_DIR) -> tuple[Judge, dict]:
     """The judge and its metadata; the weights' sha256 must match the recorded one.
-    The pair judge (half-size items of composites) is in ASSETS / "fashion_pair_judge"."""
+    The pair judge (half-size items of composites) is in PAIR_JUDGE_DIR."""
     from safetensors.torch import load_file
 
     folder = Path(folder)

@@ -51,7 +51,7 @@ class Budget:
     vqa_n: int  # held-out VQA questions
     n_fashion: int = 20  # Fashion-MNIST: generated images per class prompt
     fashion_pairs: float = 0.0  # Fashion-MNIST: share of two-item composites in training (data.fashion_pairs)
-    n_pairs: int = 20  # Fashion-MNIST with composites: two-item prompts scored, 4 images each
+    n_pairs: int = 20  # Fashion-MNIST with composites: two-item prompts scored, PER_PAIR images each
     preset: str = "shapes"
     overrides: tuple[str, ...] = ()
 
@@ -142,8 +142,8 @@ def run_one(spec: dict, b: Budget, root: Path, results: Path, vlm: Path, vae: Pa
     grid_path = results / "grids" / f"{spec['name']}.png"
     save_grid(rows, grid_path)
     res = {"name": spec["name"], "variant": spec["variant"], "seed": spec["seed"], "sets": spec["sets"], "world": world,
-           **scores, "train_wall_s": summary["wall_s"],
-           "train_cpu_s": summary["cpu_s"], "threads": summary["threads"], "eval_wall_s": time.time() - t0, "steps": summary["step"],
+           **scores, "train_wall_s": summary["wall_s"], "train_cpu_s": summary["cpu_s"], "threads": summary["threads"],
+           "eval_wall_s": time.time() - t0, "steps": summary["step"],
            "tokens_per_s": summary["tokens_per_s"], "curves": curves(out), "config": cfg.to_json(),
            "commit": git_commit(), "grid": str(grid_path.relative_to(results.parent))}
     (results / f"{spec['name']}.json").write_text(json.dumps(res, indent=1))
@@ -192,8 +192,8 @@ def ablation(budget: str = "quick", root: str | Path = "runs/study", results: st
                                                       "steps": s["step"], "curves": curves(vlm),
                                                       "config": cfg.to_json(), "commit": git_commit()}, indent=1))
     if not (results / "vae.json").exists():
-        meta = train_vae(vae, steps=b.vae_steps, batch_size=b.batch_size, progress=progress, world=world,
-                         fashion_pairs=b.fashion_pairs if world == "fashion" else 0.0)
+        data = C.override(C.preset(b.preset, "pixel"), world_sets(world, b)).data  # the variants' world
+        meta = train_vae(vae, steps=b.vae_steps, batch_size=b.batch_size, progress=progress, data=data)
         (results / "vae.json").write_text(json.dumps({"name": "vae", **meta, "commit": git_commit()}, indent=1))
     done = []
     for spec in plan(b):

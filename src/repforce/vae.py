@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -62,23 +63,24 @@ def _images(data: DataConfig, start: int, n: int) -> torch.Tensor:
 
 
 def train_vae(out: str | Path, steps: int = 2000, batch_size: int = 32, lr: float = 1e-3, kl_weight: float = 1e-6,
-              canvas: int = 32, seed: int = 0, progress: bool = True, world: str = "shapes",
-              fashion_pairs: float = 0.0) -> dict:
-    """Train the VAE on the world's generation images; save it with its latent scaling."""
+              canvas: int = 32, seed: int = 0, progress: bool = True, data: DataConfig | None = None) -> dict:
+    """Train the VAE on the world's generation images; save it with its latent scaling.
+
+    data: the run's data config (world, composites, ...); its canvas and seed are set here."""
     out = Path(out)
     if steps < 1:
         raise ValueError(f"steps={steps}: must be >= 1")
     from .train import autocast
 
     torch.manual_seed(seed)
-    # its own slice of the train stream
-    data = DataConfig(world=world, canvas=canvas, seed=seed + 7919, fashion_pairs=fashion_pairs)
+    data = replace(data or DataConfig(), canvas=canvas)
+    train_data = replace(data, seed=seed + 7919)  # its own slice of the train stream
     vae = make_vae(canvas=canvas)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     t0 = time.time()
     bar = tqdm(range(steps), disable=not progress, desc="vae", dynamic_ncols=True)
     for step in bar:
-        x = _images(data, step * batch_size, batch_size)
+        x = _images(train_data, step * batch_size, batch_size)
         post = vae.encode(x).latent_dist
         with autocast("auto", torch.device("cpu")):  # bf16 only where it is fast: emulated bf16 is ~100x slower
             recon = vae.decode(post.sample()).sample
@@ -95,7 +97,7 @@ def train_vae(out: str | Path, steps: int = 2000, batch_size: int = 32, lr: floa
     wall = time.time() - t0
     vae.eval()
     with torch.no_grad():
-        held = _images(DataConfig(world=world, canvas=canvas, seed=seed + 104729, fashion_pairs=fashion_pairs), 0, 256)
+        held = _images(replace(data, seed=seed + 104729), 0, 256)
         z = vae.encode(held).latent_dist.mean
         shift, scale = float(z.mean()), float(1.0 / z.std())
         vae.register_to_config(shift_factor=shift, scaling_factor=scale)
@@ -103,7 +105,7 @@ def train_vae(out: str | Path, steps: int = 2000, batch_size: int = 32, lr: floa
         mse = float(F.mse_loss(recon, held))
     psnr = 10 * np.log10(4.0 / mse)  # peak-to-peak 2 in [-1, 1]
     vae.save_pretrained(str(out))
-    meta = {"world": world, "steps": steps, "batch_size": batch_size, "wall_s": wall, "heldout_mse": mse, "psnr_db": psnr,
+    meta = {"world": data.world, "steps": steps, "batch_size": batch_size, "wall_s": wall, "heldout_mse": mse, "psnr_db": psnr,
             "shift_factor": shift, "scaling_factor": scale, "params": sum(p.numel() for p in vae.parameters())}
     (out / "vae_meta.json").write_text(json.dumps(meta, indent=1))
     return meta
