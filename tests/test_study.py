@@ -3,7 +3,7 @@ import json
 import pytest
 
 from repforce import fashion, study
-from repforce.study_report import verdict, write_results_md
+from repforce.study_report import judging_noise, verdict, write_results_md
 
 
 def test_tiny_study_is_resumable_and_reported(tmp_path, monkeypatch):
@@ -36,6 +36,14 @@ def test_tie_rule():
     assert verdict([0.5, 0.6, 0.55], [0.56, 0.58, 0.57]) == "tie"
     assert verdict([0.2, 0.21, 0.22], [0.7, 0.71, 0.72]) == "higher"
     assert verdict([0.7, 0.71, 0.72], [0.2, 0.21, 0.22]) == "lower"
+    # one seed a side: no spread, so only the judging noise of n judged images separates a tie from a win
+    assert verdict([0.131], [0.125]) == "lower"
+    assert verdict([0.131], [0.125], n=480) == "tie"  # one standard error is 0.022
+    assert verdict([0.054], [0.125], n=480) == "higher"  # 0.071 against 0.018
+    assert judging_noise(0.5, 0.5, 100) == pytest.approx(0.0707, abs=1e-4)
+    # more seeds average more judgements: the same gap leaves the noise floor
+    assert verdict([0.10, 0.10, 0.10], [0.12, 0.12, 0.12], n=480) == "higher"
+    assert verdict([0.10], [0.12], n=480) == "tie"
 
 
 @pytest.mark.skipif(not fashion.available(), reason="needs Fashion-MNIST: apt install dataset-fashion-mnist")

@@ -3,7 +3,9 @@
     repforce study report
 
 Means and spreads are over seeds; a difference smaller than the larger of the two
-spreads (one standard deviation) is called a tie.
+spreads (one standard deviation) is called a tie, and so is one smaller than the judging
+noise: one standard error of the difference of two accuracies, each a mean over n judged
+samples treated as independent. With one seed a side there is no spread, and the judging noise is the only floor.
 """
 
 from __future__ import annotations
@@ -60,9 +62,18 @@ def cost(rs: list[dict]) -> str:
     return f"{wall} | {np.mean(cpu):.0f}" if len(cpu) == len(rs) else f"{wall} | -"
 
 
-def verdict(a: list[float], b: list[float]) -> str:
+def judging_noise(pa: float, pb: float, n: int) -> float:
+    """One standard error of pb - pa, two accuracies each over n independent yes/no judgements."""
+    return float(np.sqrt((pa * (1 - pa) + pb * (1 - pb)) / n)) if n else 0.0
+
+
+def verdict(a: list[float], b: list[float], n: int = 0) -> str:
+    """How b compares with a: a tie within the larger spread over seeds, or within the judging noise of
+    n samples per score (n=0: no judging noise, e.g. for a distance)."""
     (ma, sa), (mb, sb) = stat(a), stat(b)
-    if abs(ma - mb) <= max(sa, sb):
+    # a seed mean averages len(a) scores; its judging noise shrinks with them
+    noise = judging_noise(ma, mb, n * min(len(a), len(b))) if n else 0.0
+    if abs(ma - mb) <= max(sa, sb, noise):
         return "tie"
     return "higher" if mb > ma else "lower"
 
@@ -120,7 +131,8 @@ def shapes_section(budget: str, folder: Path, rel: str) -> list[str]:
     if not g:
         return lines
     lines += ["", f"### The paper's claims, checked ({budget})", ""]
-    lines += claims(g, lambda r: r["shapeseval"]["overall"], "ShapesEval")
+    lines += claims(g, lambda r: r["shapeseval"]["overall"], "ShapesEval", len(CATEGORIES) * b.per_category * b.n,
+                    b.vqa_n)
     sweep = {k: v for k, v in g.items() if k.startswith("pixel_rf K=")}
     if sweep:
         lines += ["", "Codebook size (pixel_rf, seed 0):", "", "| K | ShapesEval overall | VQA |", "|---|---|---|"]
@@ -146,8 +158,9 @@ def progress(g: dict[str, list[dict]], b) -> list[str]:
     return ["", f"**In progress:** {done} of {total} variant runs recorded; rerun the command to continue."]
 
 
-def claims(g: dict[str, list[dict]], score, what: str) -> list[str]:
-    """The paper's claims as verdicts between variants (tie when within one spread)."""
+def claims(g: dict[str, list[dict]], score, what: str, n: int, vqa_n: int) -> list[str]:
+    """The paper's claims as verdicts between variants (tie when within one spread or the judging noise of
+    n judged images per score; vqa_n questions per VQA score)."""
     checks = [("pixel", "pixel_rf", "RF lifts pixel-space generation (paper 0.25 -> 0.76)"),
               ("vae", "vae_rf", "RF on top of a VAE (0.52 -> 0.77)"),
               ("pixel", "vae", "a VAE beats naive pixels (0.25 -> 0.52)"),
@@ -158,11 +171,12 @@ def claims(g: dict[str, list[dict]], score, what: str) -> list[str]:
     for a, bb, claim in checks:
         if a in g and bb in g:
             va, vb = [score(r) for r in g[a]], [score(r) for r in g[bb]]
-            weak = " One seed on one side: indicative only." if min(len(va), len(vb)) < 2 else ""
-            lines.append(f"- {claim}: {said(bb, a, verdict(va, vb))} on {what} ({fmt(vb)} vs {fmt(va)}).{weak}")
+            weak = ("" if min(len(va), len(vb)) > 1 else " One seed each: indicative only." if max(len(va), len(vb)) < 2
+                    else " One seed on one side: indicative only.")
+            lines.append(f"- {claim}: {said(bb, a, verdict(va, vb, n))} on {what} ({fmt(vb)} vs {fmt(va)}).{weak}")
     if "pixel" in g and "pixel_rf" in g:
         va, vb = [r["vqa"] for r in g["pixel"]], [r["vqa"] for r in g["pixel_rf"]]
-        lines.append(f"- RF helps understanding: on VQA {said('pixel_rf', 'pixel', verdict(va, vb))} "
+        lines.append(f"- RF helps understanding: on VQA {said('pixel_rf', 'pixel', verdict(va, vb, vqa_n))} "
                      f"({fmt(vb)} vs {fmt(va)}).")
     return lines
 
@@ -209,7 +223,7 @@ def fashion_section(budget: str, folder: Path, rel: str) -> list[str]:
     if not g:
         return lines
     lines += ["", f"### The paper's claims on Fashion-MNIST ({budget}, class accuracy)", ""]
-    lines += claims(g, lambda r: r["fashion"]["class_accuracy"], "class accuracy")
+    lines += claims(g, lambda r: r["fashion"]["class_accuracy"], "class accuracy", 10 * b.n_fashion, b.vqa_n)
     lines += pairs_table(g, b)
     rows = "one row per class" + (", then two rows of composites" if b.fashion_pairs else "")
     return lines + pictures(res, g, folder, rel, rows)
@@ -264,7 +278,9 @@ def write_results_md(results_dir: Path, out: Path) -> Path:
              "outputs under `docs/results/bench/`, and the hand-written `docs/results/findings.md`). Every number is",
              "measured by the command given with it. ShapesEval is the shapes world's GenEval (exact judge, 6",
              "categories); the paper's numbers are GenEval at 256 px (Table 3a-c). Spreads are one standard deviation",
-             "over seeds; a difference within the larger spread is called a tie.", ""]
+             "over seeds. A difference is called a tie when it is within the larger spread, or within the judging",
+             "noise: one standard error of the difference of two accuracies over the judged images (or questions),",
+             "treated as independent yes/no judgements. With one seed a side, the judging noise is the only floor.", ""]
     findings = results_dir / "findings.md"
     if findings.exists():
         lines += [findings.read_text().strip(), ""]
