@@ -95,6 +95,36 @@ def test_resume_is_bit_for_bit(tmp_path):
         assert torch.equal(v, sb["ema"][k]), k
 
 
+def test_sigterm_saves_the_step_and_resume_goes_on(tmp_path, monkeypatch, capsys):
+    """A preempted job (SIGTERM) finishes its step, saves it, exits 143 with a one-line hint; resuming
+    gives the same losses as a run that never stopped."""
+    import os
+    import signal
+
+    from repforce import distributed
+
+    straight, stopped = tmp_path / "a", tmp_path / "b"
+    sets = ["train.log_every=1", "train.ckpt_every=100"]  # no periodic checkpoint before the signal
+    train(C.override(tiny("pixel_rf", steps=12), sets), straight, progress=False)
+    real = distributed.local_batch
+
+    def preempted(stream, step, *a, **k):
+        if step == 7:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives during step 8
+        return real(stream, step, *a, **k)
+
+    monkeypatch.setattr(distributed, "local_batch", preempted)
+    args = ["train", "--preset", "tiny", "--variant", "pixel_rf", "--steps", "12", "--out", str(stopped), "--quiet"]
+    assert main([*args, *[a for s in sets for a in ("--set", s)]]) == 143
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM at step 8 of 12" in err and f"repforce train --out {stopped} --resume" in err
+    assert [d.name for d in checkpoint.step_dirs(stopped / "checkpoints")] == ["step_00000008"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after the run
+    monkeypatch.setattr(distributed, "local_batch", real)
+    assert main(["train", "--out", str(stopped), "--resume", "--quiet"]) == 0
+    assert [r["loss"] for r in losses(stopped)] == [r["loss"] for r in losses(straight)]
+
+
 def test_kill_during_save_keeps_previous(tmp_path, monkeypatch):
     root = tmp_path / "checkpoints"
     checkpoint.save(root, 5, {"x": torch.ones(2), "step": 5}, {"a": 1})

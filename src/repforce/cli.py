@@ -425,9 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"repforce: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("repforce: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # train.Stopped says where it saved and how to go on
+        print(f"repforce: {e or 'interrupted'}", file=sys.stderr)
+        return getattr(e, "code", 130)
     return 0
 
 

@@ -104,6 +104,13 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when it is true on any (so all ranks stop at the same step)."""
+    if world_size() == 1:
+        return flag
+    return bool(all_sum(torch.tensor([float(flag)], device=device)).item() > 0)
+
+
 def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
     """Scalars averaged over the ranks that have them (for logging; a rank may lack e.g. rep_acc)."""
     keys = sorted(values)

@@ -16,8 +16,10 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,6 +37,38 @@ GEN_MODULES = ("gen_embed", "gen_pos", "t_embed", "gen_head", "rep_", "null_rep"
 
 class RunError(Exception):
     """A run that cannot start: printed as one line by the CLI."""
+
+
+class Stopped(KeyboardInterrupt):
+    """A run stopped by SIGTERM or SIGINT (a preempted job, Ctrl-C) after it saved a checkpoint of its last
+    finished step. A KeyboardInterrupt, so no `except Exception` on the way swallows it; `code` is the usual
+    128 + signal number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.code = 128 + signum
+
+
+@contextmanager
+def stop_on_signals(signals=(signal.SIGTERM, signal.SIGINT)):
+    """Within the block, these signals only set `got[0]` (the signal number); the loop stops at its next step
+    boundary. Handlers can be set only in the main thread; elsewhere the block changes nothing."""
+    got: list[int | None] = [None]
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+
+    def on_signal(signum, frame):
+        if got[0] is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now, without saving
+            raise KeyboardInterrupt
+        got[0] = signum
+
+    before = {s: signal.signal(s, on_signal) for s in signals}
+    try:
+        yield got
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
 
 
 _FAST_BF16: dict[str, bool] = {}
@@ -169,6 +203,9 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
           minutes: float | None = None, device: str | None = None) -> dict:
     """Train a run to cfg.train.steps (or until `minutes` of wall time), checkpointing on the way.
 
+    SIGTERM or SIGINT stops the run at the end of the current step: it saves a checkpoint there and raises
+    Stopped, so a preempted job loses no finished step and `--resume` continues it.
+
     Returns a summary: final step, last logged losses, wall time, tokens/s."""
     out = Path(out)
     validate(cfg)
@@ -228,45 +265,54 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
     bar = tqdm(total=t.steps, initial=step, disable=not progress or not rt.is_main, desc=f"{cfg.model.variant}",
                dynamic_ncols=True)
     model.train()
-    while step < t.steps:
-        if minutes is not None and time.time() - start_time > minutes * 60:
-            break
-        t0 = time.time()
-        batch = distributed.local_batch(stream, step, t.batch_size, t.seed, dev)  # this rank's share
-        if vae is not None and batch["is_gen"].any():
-            batch["gen_x"] = vae(batch["images"])
-        for g in opt.param_groups:
-            g["lr"] = cfg.optim.lr * g["lr_mult"] * lr_factor(step, cfg)
-        with autocast(t.precision, dev):
-            losses = model(batch)
-        opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        gnorm = distributed.clip_grad_norm_(model.parameters(), cfg.optim.clip)
-        opt.step()
-        model.update_ema_encoder()
-        ema_update(ema, model, min(t.ema, (1 + step) / (10 + step)))  # warmup: early weights fade fast
-        step += 1
-        n_tok = int((batch["kind"] != 0).sum())
-        tokens_seen += n_tok
-        window_tok += n_tok
-        bar.update(1)
-        if step % t.log_every == 0 or step == t.steps:
-            now = time.time()
-            row = {"step": step, "lr": opt.param_groups[0]["lr"] / opt.param_groups[0]["lr_mult"],
-                   "grad_norm": float(gnorm), "step_time": now - t0, "tokens_per_s": window_tok / (now - window_t)}
-            row.update(distributed.mean_over_ranks(losses))
-            row.update(getattr(stream, "log_stats", dict)())  # real data: samples skipped, per reason
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            window_t, window_tok = now, 0
-            last = row
-            bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in row.items()
-                             if k.startswith("loss")} | {"tok/s": f"{row['tokens_per_s']:.0f}"})
-        if step % t.ckpt_every == 0 and step < t.steps:
-            save()
+    stopped = False
+    with stop_on_signals() as got:
+        while step < t.steps:
+            if minutes is not None and time.time() - start_time > minutes * 60:
+                break
+            t0 = time.time()
+            batch = distributed.local_batch(stream, step, t.batch_size, t.seed, dev)  # this rank's share
+            if vae is not None and batch["is_gen"].any():
+                batch["gen_x"] = vae(batch["images"])
+            for g in opt.param_groups:
+                g["lr"] = cfg.optim.lr * g["lr_mult"] * lr_factor(step, cfg)
+            with autocast(t.precision, dev):
+                losses = model(batch)
+            opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            gnorm = distributed.clip_grad_norm_(model.parameters(), cfg.optim.clip)
+            opt.step()
+            model.update_ema_encoder()
+            ema_update(ema, model, min(t.ema, (1 + step) / (10 + step)))  # warmup: early weights fade fast
+            step += 1
+            n_tok = int((batch["kind"] != 0).sum())
+            tokens_seen += n_tok
+            window_tok += n_tok
+            bar.update(1)
+            if step % t.log_every == 0 or step == t.steps:
+                now = time.time()
+                row = {"step": step, "lr": opt.param_groups[0]["lr"] / opt.param_groups[0]["lr_mult"],
+                       "grad_norm": float(gnorm), "step_time": now - t0, "tokens_per_s": window_tok / (now - window_t)}
+                row.update(distributed.mean_over_ranks(losses))
+                row.update(getattr(stream, "log_stats", dict)())  # real data: samples skipped, per reason
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                window_t, window_tok = now, 0
+                last = row
+                bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in row.items()
+                                 if k.startswith("loss")} | {"tok/s": f"{row['tokens_per_s']:.0f}"})
+            stopped = distributed.any_rank(got[0] is not None, dev)  # every rank stops at the same step
+            if stopped:
+                break  # saved below
+            if step % t.ckpt_every == 0 and step < t.steps:
+                save()
     bar.close()
     save()
     log.close()
+    if stopped:
+        name = signal.Signals(got[0]).name if got[0] is not None else "a signal on another rank"
+        raise Stopped(f"stopped by {name} at step {step} of {t.steps}; checkpoint saved in {out / 'checkpoints'}; "
+                      f"continue with: repforce train --out {out} --resume", got[0] or signal.SIGTERM)
     wall = time.time() - start_time
     return {"step": step, **clock(), "threads": torch.get_num_threads(), "tokens_per_s": tokens_seen / max(wall, 1e-9),
             "last": last, "run": str(out)}
@@ -279,4 +325,4 @@ def load_run_config(out: Path) -> Config:
     return Config.from_json(json.loads(path.read_text()))
 
 
-__all__ = ["train", "load_run_config", "RunError", "ConfigError", "lr_factor", "param_groups", "ema_update"]
+__all__ = ["train", "load_run_config", "RunError", "Stopped", "ConfigError", "lr_factor", "param_groups", "ema_update"]
