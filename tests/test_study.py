@@ -3,6 +3,7 @@ import json
 import pytest
 
 from repforce import fashion, study
+from repforce.report import read_log
 from repforce.study_report import judging_noise, verdict, write_results_md
 
 
@@ -68,3 +69,15 @@ def test_tiny_fashion_study_scores_with_the_judge(tmp_path, monkeypatch):
     assert "**In progress:** 2 of 6 variant runs recorded" in md
     assert "## Fashion-MNIST, test budget" in md and "| `pixel_rf` |" in md and "not** comparable" in md
     assert "### Two-item composites" in md
+
+
+def test_read_log_keeps_the_resumed_leg(tmp_path):
+    """Steps logged after the last checkpoint by a leg that was cut off are logged again on resume: the later
+    rows win, so curves do not double back."""
+    rows = [{"init": "runs/vlm"}, *({"step": s, "loss": 1.0} for s in (10, 20, 30, 40)),
+            *({"step": s, "loss": 2.0} for s in (30, 40, 50))]  # cut off at 40, resumed from a step-20 checkpoint
+    (tmp_path / "log.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    got = read_log(tmp_path)
+    assert [r["step"] for r in got] == [10, 20, 30, 40, 50]
+    assert [r["loss"] for r in got] == [1.0, 1.0, 2.0, 2.0, 2.0]
+    assert read_log(tmp_path / "none") == []

@@ -45,10 +45,19 @@ def fig_b64(fig) -> str:
 
 
 def read_log(run: Path) -> list[dict]:
+    """The logged steps of a run in order. A run resumed from a checkpoint logs again the steps after it:
+    the later rows replace the earlier ones from the leg that was cut off."""
     path = Path(run) / "log.jsonl"
     if not path.exists():
         return []
-    return [r for r in (json.loads(line) for line in path.read_text().splitlines() if line.strip()) if "step" in r]
+    rows: list[dict] = []
+    for r in (json.loads(line) for line in path.read_text().splitlines() if line.strip()):
+        if "step" not in r:
+            continue
+        while rows and rows[-1]["step"] >= r["step"]:
+            rows.pop()
+        rows.append(r)
+    return rows
 
 
 def loss_figure(runs: dict[str, Path]):
