@@ -81,3 +81,11 @@ def test_read_log_keeps_the_resumed_leg(tmp_path):
     assert [r["step"] for r in got] == [10, 20, 30, 40, 50]
     assert [r["loss"] for r in got] == [1.0, 1.0, 2.0, 2.0, 2.0]
     assert read_log(tmp_path / "none") == []
+
+
+def test_full_plan_is_seed_major_with_the_extra_seeds_last():
+    names = [r["name"] for r in study.plan(study.BUDGETS["full"])]
+    first = ["pixel_s0", "pixel_rf_s0", "vae_s0", "vae_rf_s0", "pixel_repa_s0", "pixel_cont_s0"]
+    assert names[:6] == first and len(names) == len(set(names)) == 18
+    assert names[-4:] == ["pixel_rf_K64_s0", "pixel_rf_K1024_s0", "pixel_cont_s1", "pixel_cont_s2"]
+    assert [r["name"] for r in study.plan(study.BUDGETS["quick"])][-1] == "pixel_rf_K1024_s0"  # as recorded

@@ -8,7 +8,8 @@
 Protocol (DESIGN.md): one `vlm` run shared by every variant, one VAE for the `vae`
 variants (its cost reported apart), then every variant from the same vlm weights with
 the same data, steps and batch. The four main variants run with several seeds; REPA,
-continuous tokens and the codebook sweep with one. Each finished run writes
+continuous tokens and the codebook sweep with one, unless the budget seeds them too (the
+full budget runs pixel_cont at every seed). Each finished run writes
 docs/results/<name>.json (scores, curves, config, git commit, wall time); a rerun skips
 what is there, so the study survives being stopped at any point.
 
@@ -54,6 +55,7 @@ class Budget:
     n_pairs: int = 20  # Fashion-MNIST with composites: two-item prompts scored, PER_PAIR images each
     preset: str = "shapes"
     overrides: tuple[str, ...] = ()
+    also_seeded: tuple[str, ...] = ()  # other variants run at every seed too, after the codebook sweep
 
 
 BUDGETS = {
@@ -63,7 +65,9 @@ BUDGETS = {
                     overrides=("model.dim=128", "model.n_layers=3", "model.ffn_hidden=352", "model.enc_dim=96",
                                "model.enc_layers=2", "model.head_dim=32", "optim.warmup=30",
                                "model.encoder_ema=0.9999")),  # as when its results were recorded
-    "full": Budget(2000, 2000, 2000, 32, (0, 1, 2), (64, 1024), 20, 4, 300, fashion_pairs=0.2),
+    # pixel_cont at every seed: on seed 0 it beat pixel_rf by 1.5 judging standard errors, against the paper
+    "full": Budget(2000, 2000, 2000, 32, (0, 1, 2), (64, 1024), 20, 4, 300, fashion_pairs=0.2,
+                   also_seeded=("pixel_cont",)),
 }
 
 
@@ -82,6 +86,7 @@ def plan(b: Budget) -> list[dict]:
     runs += [one(v, s) for s in b.seeds[1:] for v in MAIN]
     runs += [{"name": f"pixel_rf_K{k}_s0", "variant": "pixel_rf", "seed": 0, "sets": [f"model.codebook_size={k}"]}
              for k in b.codebooks]
+    runs += [one(v, s) for s in b.seeds[1:] for v in b.also_seeded]
     return runs
 
 
