@@ -59,7 +59,9 @@ def cost(rs: list[dict]) -> str:
     """Mean training wall seconds and, where recorded, process CPU seconds (which a paused job does not inflate)."""
     cpu = [r["train_cpu_s"] for r in rs if "train_cpu_s" in r]
     wall = f"{np.mean([r['train_wall_s'] for r in rs]):.0f}"
-    return f"{wall} | {np.mean(cpu):.0f}" if len(cpu) == len(rs) else f"{wall} | -"
+    if not cpu:
+        return f"{wall} | -"
+    return f"{wall} | {np.mean(cpu):.0f}" + ("" if len(cpu) == len(rs) else f" ({len(cpu)} of {len(rs)} runs)")
 
 
 def judging_noise(pa: float, pb: float, n: int) -> float:
