@@ -5,7 +5,8 @@
 Means and spreads are over seeds; a difference smaller than the larger of the two
 spreads (one standard deviation) is called a tie, and so is one smaller than the judging
 noise: one standard error of the difference of two accuracies, each a mean over n judged
-samples treated as independent. With one seed a side there is no spread, and the judging noise is the only floor.
+samples treated as independent. With one seed a side there is no spread, and the judging
+noise is the only floor.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .fashion import CLASSES  # noqa: E402
 from .shapeseval import CATEGORIES  # noqa: E402
 from .study import PER_PAIR, BUDGETS, MAIN, PAPER, plan  # noqa: E402
 
@@ -74,7 +76,7 @@ def verdict(a: list[float], b: list[float], n: int = 0) -> str:
     n samples per score (n=0: no judging noise, e.g. for a distance)."""
     (ma, sa), (mb, sb) = stat(a), stat(b)
     # a seed mean averages len(a) scores; its judging noise shrinks with them
-    noise = judging_noise(ma, mb, n * min(len(a), len(b))) if n else 0.0
+    noise = judging_noise(ma, mb, n * min(len(a), len(b)))
     if abs(ma - mb) <= max(sa, sb, noise):
         return "tie"
     return "higher" if mb > ma else "lower"
@@ -173,8 +175,8 @@ def claims(g: dict[str, list[dict]], score, what: str, n: int, vqa_n: int) -> li
     for a, bb, claim in checks:
         if a in g and bb in g:
             va, vb = [score(r) for r in g[a]], [score(r) for r in g[bb]]
-            weak = ("" if min(len(va), len(vb)) > 1 else " One seed each: indicative only." if max(len(va), len(vb)) < 2
-                    else " One seed on one side: indicative only.")
+            seeds = sorted((len(va), len(vb)))
+            weak = "" if seeds[0] > 1 else f" One seed {'each' if seeds[1] == 1 else 'on one side'}: indicative only."
             lines.append(f"- {claim}: {said(bb, a, verdict(va, vb, n))} on {what} ({fmt(vb)} vs {fmt(va)}).{weak}")
     if "pixel" in g and "pixel_rf" in g:
         va, vb = [r["vqa"] for r in g["pixel"]], [r["vqa"] for r in g["pixel_rf"]]
@@ -225,7 +227,8 @@ def fashion_section(budget: str, folder: Path, rel: str) -> list[str]:
     if not g:
         return lines
     lines += ["", f"### The paper's claims on Fashion-MNIST ({budget}, class accuracy)", ""]
-    lines += claims(g, lambda r: r["fashion"]["class_accuracy"], "class accuracy", 10 * b.n_fashion, b.vqa_n)
+    lines += claims(g, lambda r: r["fashion"]["class_accuracy"], "class accuracy", len(CLASSES) * b.n_fashion,
+                    b.vqa_n)
     lines += pairs_table(g, b)
     rows = "one row per class" + (", then two rows of composites" if b.fashion_pairs else "")
     return lines + pictures(res, g, folder, rel, rows)
