@@ -1,13 +1,18 @@
 import json
+import runpy
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from repforce import fashion, study
 from repforce.report import read_log
 from repforce.study_report import judging_noise, verdict, write_results_md
 
 
-def test_tiny_study_is_resumable_and_reported(tmp_path, monkeypatch):
+def test_tiny_study_is_resumable_and_reported(tmp_path, monkeypatch, capsys):
     b = study.Budget(vlm_steps=3, vae_steps=2, steps=3, batch_size=4, seeds=(0, 1), codebooks=(16,), per_category=1,
                      n=1, vqa_n=4, preset="tiny", overrides=("train.precision=fp32",))
     monkeypatch.setitem(study.BUDGETS, "test", b)
@@ -23,6 +28,16 @@ def test_tiny_study_is_resumable_and_reported(tmp_path, monkeypatch):
     stamp = (results / "test" / "pixel_s0.json").stat().st_mtime_ns
     study.ablation("test", runs, results, progress=False)
     assert (results / "test" / "pixel_s0.json").stat().st_mtime_ns == stamp
+    # the guidance sweep evaluates as the study does: at the study's weight it reproduces the recorded score
+    monkeypatch.setattr(sys, "argv", ["guidance_sweep.py", "--runs", str(runs / "test" / "pixel_rf_s1"), "--cfg", "3",
+                                      "1", "--per-category", "1", "--n", "1"])
+    sweep = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "guidance_sweep.py"), run_name="__main__")
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["cfg"] for r in rows] == [3.0, 1.0] and rows[0]["images"] == 6
+    assert {k: rows[0][k] for k in one["shapeseval"]} == pytest.approx(one["shapeseval"], abs=1e-4)
+    saved = {(int(f.parts[-3]), int(f.stem)): np.asarray(Image.open(f).convert("RGB"))
+             for f in (runs / "test" / "pixel_rf_s1" / "shapeseval").glob("*/samples/*.png")}
+    assert len(saved) == 6 and rows[0]["digest"] == sweep["digest"](saved)
     (results / "findings.md").write_text("## What we found\n\nhand-written")
     (results / "bench").mkdir()
     (results / "bench" / "sampling.jsonl").write_text('# python benchmarks/sampling.py\n{"ratio": 2.0}\n')

@@ -1,0 +1,57 @@
+"""Does the pixel guidance weight change the ranking of the study's variants? Prints one
+JSON object per (run, weight): ShapesEval overall and per category.
+
+    .venv/bin/python benchmarks/guidance_sweep.py --runs runs/study/full/pixel_s0 runs/study/full/pixel_rf_s0 --cfg 1 3
+
+The study samples every variant at the paper's weight (3.0). On `pixel` that empties
+one-object canvases (docs/results/findings.md), so the study's absolute scores sit below
+what this world allows; if guidance hurt some variants more than others, it would also bias
+the comparison. Everything but `cfg` is the study's evaluation: the same prompts, images
+per prompt, seed and batching (`evaluate.write_shapeseval`), so the row at 3.0 reproduces
+the run's recorded score exactly, from identical images (`digest`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import tempfile
+import time
+
+from repforce import shapeseval
+from repforce.engine import GenOptions, load
+from repforce.evaluate import write_shapeseval
+
+
+def digest(images: dict) -> str:
+    """sha1 of the images in (prompt, k) order: equal digests mean identical samples."""
+    h = hashlib.sha1()
+    for key in sorted(images):
+        h.update(images[key].tobytes())
+    return h.hexdigest()[:16]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", nargs="+", required=True, help="trained run folders")
+    ap.add_argument("--cfg", nargs="+", type=float, default=[1.0, 3.0], help="pixel guidance weights")
+    ap.add_argument("--per-category", type=int, default=20, help="ShapesEval prompts per category (the study: 20)")
+    ap.add_argument("--n", type=int, default=4, help="images per prompt (the study: 4)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    for run in args.runs:
+        eng = load(run)
+        for w in args.cfg:
+            t0 = time.time()
+            with tempfile.TemporaryDirectory() as tmp:
+                images = write_shapeseval(eng, tmp, args.n, GenOptions(cfg=w), args.seed, args.per_category,
+                                          progress=False)
+            scores = shapeseval.score_images(images, args.per_category).scores
+            print(json.dumps({"run": run, "variant": eng.cfg.variant, "cfg": w, "images": len(images), "digest": digest(images),
+                              **{k: round(v, 4) for k, v in scores.items()}, "wall_s": round(time.time() - t0, 1)}),
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
