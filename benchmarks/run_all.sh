@@ -23,6 +23,7 @@ declare -A CMD=(
   [quantizer_drift_vlm]="$PY benchmarks/quantizer_stability.py --vlm $VLM --stream gen --settings shapes_preset --steps 1000"
   [quantizer_drift_rf]="$PY benchmarks/quantizer_stability.py --vlm $RF --stream gen --settings shapes_preset --steps 1000"
   [guidance]="$PY benchmarks/guidance_sweep.py --cfg 1 --runs $(printf "$STUDY/%s_s0 " pixel pixel_rf vae vae_rf pixel_repa pixel_cont)"
+  [guidance_seed1]="$PY benchmarks/guidance_sweep.py --cfg 1 --runs $STUDY/pixel_s1 $STUDY/pixel_rf_s1"
 )
 names=("$@")
 [ ${#names[@]} -eq 0 ] && names=(train_throughput sampling peer_transfusion scaling quantizer_stability)
