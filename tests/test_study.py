@@ -9,7 +9,7 @@ from PIL import Image
 
 from repforce import fashion, study
 from repforce.report import read_log
-from repforce.study_report import judging_noise, verdict, write_results_md
+from repforce.study_report import judging_noise, margin, verdict, write_results_md
 
 
 def test_tiny_study_is_resumable_and_reported(tmp_path, monkeypatch, capsys):
@@ -60,6 +60,10 @@ def test_tie_rule():
     # more seeds average more judgements: the same gap leaves the noise floor
     assert verdict([0.10, 0.10, 0.10], [0.12, 0.12, 0.12], n=480) == "higher"
     assert verdict([0.10], [0.12], n=480) == "tie"
+    # the margin says how far past (or inside) the tie floor a verdict is; no floor, no margin
+    assert margin([0.054], [0.125], n=480) == "; difference 3.9x the tie floor"
+    assert margin([0.131], [0.125], n=480) == "; difference 0.3x the tie floor"
+    assert margin([0.1], [0.2], n=0) == ""
 
 
 @pytest.mark.skipif(not fashion.available(), reason="needs Fashion-MNIST: apt install dataset-fashion-mnist")

@@ -71,15 +71,26 @@ def judging_noise(pa: float, pb: float, n: int) -> float:
     return float(np.sqrt((pa * (1 - pa) + pb * (1 - pb)) / n)) if n else 0.0
 
 
-def verdict(a: list[float], b: list[float], n: int = 0) -> str:
-    """How b compares with a: a tie within the larger spread over seeds, or within the judging noise of
+def tie_floor(a: list[float], b: list[float], n: int = 0) -> float:
+    """The largest difference of means called a tie: the larger spread over seeds, or the judging noise of
     n samples per score (n=0: no judging noise, e.g. for a distance)."""
     (ma, sa), (mb, sb) = stat(a), stat(b)
     # a seed mean averages len(a) scores; its judging noise shrinks with them
-    noise = judging_noise(ma, mb, n * min(len(a), len(b)))
-    if abs(ma - mb) <= max(sa, sb, noise):
+    return max(sa, sb, judging_noise(ma, mb, n * min(len(a), len(b))))
+
+
+def verdict(a: list[float], b: list[float], n: int = 0) -> str:
+    """How b compares with a: "tie" when the means differ by no more than the tie floor."""
+    ma, mb = stat(a)[0], stat(b)[0]
+    if abs(ma - mb) <= tie_floor(a, b, n):
         return "tie"
     return "higher" if mb > ma else "lower"
+
+
+def margin(a: list[float], b: list[float], n: int) -> str:
+    """The difference of means in units of the tie floor, so a reader sees a knife-edge verdict as one."""
+    floor = tie_floor(a, b, n)
+    return f"; difference {abs(stat(a)[0] - stat(b)[0]) / floor:.1f}x the tie floor" if floor else ""
 
 
 def said(b: str, a: str, v: str) -> str:
@@ -177,11 +188,12 @@ def claims(g: dict[str, list[dict]], score, what: str, n: int, vqa_n: int) -> li
             va, vb = [score(r) for r in g[a]], [score(r) for r in g[bb]]
             seeds = sorted((len(va), len(vb)))
             weak = "" if seeds[0] > 1 else f" One seed {'each' if seeds[1] == 1 else 'on one side'}: indicative only."
-            lines.append(f"- {claim}: {said(bb, a, verdict(va, vb, n))} on {what} ({fmt(vb)} vs {fmt(va)}).{weak}")
+            lines.append(f"- {claim}: {said(bb, a, verdict(va, vb, n))} on {what} ({fmt(vb)} vs {fmt(va)}"
+                         f"{margin(va, vb, n)}).{weak}")
     if "pixel" in g and "pixel_rf" in g:
         va, vb = [r["vqa"] for r in g["pixel"]], [r["vqa"] for r in g["pixel_rf"]]
         lines.append(f"- RF helps understanding: on VQA {said('pixel_rf', 'pixel', verdict(va, vb, vqa_n))} "
-                     f"({fmt(vb)} vs {fmt(va)}).")
+                     f"({fmt(vb)} vs {fmt(va)}{margin(va, vb, vqa_n)}).")
     return lines
 
 
@@ -285,7 +297,9 @@ def write_results_md(results_dir: Path, out: Path) -> Path:
              "categories); the paper's numbers are GenEval at 256 px (Table 3a-c). Spreads are one standard deviation",
              "over seeds. A difference is called a tie when it is within the larger spread, or within the judging",
              "noise: one standard error of the difference of two accuracies over the judged images (or questions),",
-             "treated as independent yes/no judgements. With one seed a side, the judging noise is the only floor.", ""]
+             "treated as independent yes/no judgements. With one seed a side, the judging noise is the only floor.",
+             "Each verdict gives the difference in units of the larger of the two (the tie floor): a verdict at",
+             "1.0x is a knife edge.", ""]
     findings = results_dir / "findings.md"
     if findings.exists():
         lines += [findings.read_text().strip(), ""]
