@@ -6,7 +6,8 @@ Means and spreads are over seeds; a difference smaller than the larger of the tw
 spreads (one standard deviation) is called a tie, and so is one smaller than the judging
 noise: one standard error of the difference of two accuracies, each a mean over n judged
 samples treated as independent. With one seed a side there is no spread, and the judging
-noise is the only floor.
+noise is the only floor. Each verdict states the difference in units of that floor
+(`margin`), so a verdict that passes by a hair reads as one.
 """
 
 from __future__ import annotations
