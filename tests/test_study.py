@@ -73,7 +73,8 @@ def test_tiny_fashion_study_scores_with_the_judge(tmp_path, monkeypatch):
                      fashion_pairs=0.5, n_pairs=2)
     monkeypatch.setitem(study.BUDGETS, "test", b)
     runs, results = tmp_path / "runs", tmp_path / "docs" / "results"
-    done = study.ablation("test", runs, results, progress=False, only=["pixel_s0", "pixel_rf_s0"], world="fashion")
+    done = study.ablation("test", runs, results, progress=False, only=["vlm", "vae", "pixel_s0", "pixel_rf_s0"],
+                          world="fashion")
     assert {r["name"] for r in done} == {"pixel_s0", "pixel_rf_s0"}
     one = json.loads((results / "fashion_test" / "pixel_rf_s0.json").read_text())
     assert one["world"] == "fashion" and one["config"]["data"]["world"] == "fashion"
@@ -88,6 +89,27 @@ def test_tiny_fashion_study_scores_with_the_judge(tmp_path, monkeypatch):
     assert "**In progress:** 2 of 6 variant runs recorded" in md
     assert "## Fashion-MNIST, test budget" in md and "| `pixel_rf` |" in md and "not** comparable" in md
     assert "### Two-item composites" in md
+
+
+def test_only_splits_the_study_between_workers(tmp_path, monkeypatch, capsys):
+    """Two workers side by side: one trains the VAE alone while the other trains the vlm; a worker whose runs need a
+    shared run that nobody has recorded or named stops with one line, before training anything."""
+    from repforce.cli import main
+
+    b = study.Budget(vlm_steps=2, vae_steps=2, steps=2, batch_size=4, seeds=(0,), codebooks=(), per_category=1,
+                     n=1, vqa_n=4, preset="tiny", overrides=("train.precision=fp32",))
+    monkeypatch.setitem(study.BUDGETS, "test", b)
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    assert study.ablation("test", runs, results, progress=False, only=["vae"]) == []
+    assert (results / "test" / "vae.json").exists() and (runs / "test" / "vae").exists()
+    assert not (results / "test" / "vlm.json").exists() and not (runs / "test" / "vlm").exists()
+    args = ["study", "ablation", "--budget", "test", "--runs", str(runs), "--results", str(results), "--quiet"]
+    assert main([*args, "--only", "vae_s0"]) == 2
+    assert "vae_s0 needs the study's vlm, which is not recorded yet" in capsys.readouterr().err
+    assert main([*args, "--only", "pixel_s9"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("repforce: error: only=['pixel_s9']: not runs of the test study") and "pixel_rf_s0" in err
+    assert not (runs / "test" / "vlm").exists()  # nothing trained by the refused commands
 
 
 def test_read_log_keeps_the_resumed_leg(tmp_path):

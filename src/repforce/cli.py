@@ -218,7 +218,7 @@ def cmd_demo(args) -> None:
 
 
 def cmd_study(args) -> None:
-    from .study import BUDGETS, ablation
+    from .study import BUDGETS, StudyError, ablation
     from .study_report import write_results_md
 
     if args.budget not in BUDGETS:
@@ -228,7 +228,11 @@ def cmd_study(args) -> None:
 
         if args.world == "fashion":
             _need_fashion()
-        done = ablation(args.budget, args.runs, args.results, progress=not args.quiet, only=args.only, world=args.world)
+        try:
+            done = ablation(args.budget, args.runs, args.results, progress=not args.quiet, only=args.only,
+                            world=args.world)
+        except StudyError as e:
+            raise UserError(str(e)) from None
         print(f"{len(done)} variant runs recorded in {args.results}/{folder_name(args.budget, args.world)}")
     out = write_results_md(Path(args.results), Path(args.results).parent / "RESULTS.md")
     print(f"wrote {out}")
@@ -402,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--budget", default="quick", help="quick (< 30 min) or full (hours)")
     st.add_argument("--runs", default="runs/study", help="where the run folders go")
     st.add_argument("--results", default="docs/results", help="where the result JSONs go (checked in)")
-    st.add_argument("--only", nargs="+", help="run only these variant runs (names as in the plan)")
+    st.add_argument("--only", nargs="+", help="run only these runs (names as in the plan, or vlm / vae): for "
+                    "workers side by side; the shared vlm and VAE must be named or already recorded")
     st.add_argument("--world", default="shapes", choices=("shapes", "fashion"), help="which world the study runs on")
     st.add_argument("--quiet", action="store_true")
     st.set_defaults(func=cmd_study)

@@ -71,6 +71,10 @@ BUDGETS = {
 }
 
 
+class StudyError(ValueError):
+    """A study asked for that cannot run as asked (an unknown world or run name, a missing shared run)."""
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
@@ -175,12 +179,21 @@ def ablation(budget: str = "quick", root: str | Path = "runs/study", results: st
 
     b = BUDGETS[budget]
     if world not in WORLDS:
-        raise ValueError(f"world={world!r}: must be one of {WORLDS}")
+        raise StudyError(f"world={world!r}: must be one of {WORLDS}")
     name = folder_name(budget, world)
     root, results = Path(root) / name, Path(results) / name
     results.mkdir(parents=True, exist_ok=True)
     vlm, vae = root / "vlm", root / "vae"
-    if not (results / "vlm.json").exists():
+    specs = [s for s in plan(b) if not only or s["name"] in only]
+    if only:  # workers side by side: each names its runs, and the shared vlm / VAE are trained by one of them
+        names = {"vlm", "vae", *(s["name"] for s in plan(b))}
+        if unknown := [n for n in only if n not in names]:
+            raise StudyError(f"only={unknown}: not runs of the {budget} study, which has {', '.join(sorted(names))}")
+        for shared, users in (("vlm", specs), ("vae", [s for s in specs if s["variant"].startswith("vae")])):
+            if users and shared not in only and not (results / f"{shared}.json").exists():
+                raise StudyError(f"only={only}: {users[0]['name']} needs the study's {shared}, which is not recorded "
+                                 f"yet; name {shared} too, or run it first with --only {shared}")
+    if not (results / "vlm.json").exists() and (not only or "vlm" in only):
         cfg = C.validate(C.override(C.preset(b.preset, "vlm"), [*b.overrides, *world_sets(world, b),
                                                                   f"train.steps={b.vlm_steps}",
                                                                   f"train.batch_size={b.batch_size}"]))
@@ -196,14 +209,12 @@ def ablation(budget: str = "quick", root: str | Path = "runs/study", results: st
                                                       "train_cpu_s": s["cpu_s"], "threads": s["threads"],
                                                       "steps": s["step"], "curves": curves(vlm),
                                                       "config": cfg.to_json(), "commit": git_commit()}, indent=1))
-    if not (results / "vae.json").exists():
+    if not (results / "vae.json").exists() and (not only or "vae" in only):
         data = C.override(C.preset(b.preset, "pixel"), world_sets(world, b)).data  # the variants' world
         meta = train_vae(vae, steps=b.vae_steps, batch_size=b.batch_size, progress=progress, data=data)
         (results / "vae.json").write_text(json.dumps({"name": "vae", **meta, "commit": git_commit()}, indent=1))
     done = []
-    for spec in plan(b):
-        if only and spec["name"] not in only:
-            continue
+    for spec in specs:
         path = results / f"{spec['name']}.json"
         if path.exists():
             done.append(json.loads(path.read_text()))
