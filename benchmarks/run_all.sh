@@ -5,7 +5,8 @@
 #   bash benchmarks/run_all.sh sampling scaling
 # quantizer_stability needs a trained shapes vlm run (VLM=runs/vlm by default); quantizer_drift_* also a
 # pixel_rf run trained from it (RF=runs/pixel_rf): is narrow codebook use in training the features' or the training's?
-# guidance needs the full study's seed-0 runs (STUDY=runs/study/full): does the guidance weight change the ranking?
+# guidance needs the full study's seed-0 runs (STUDY=runs/study/full), guidance_seed1 and guidance_cont its other seeds:
+# does the guidance weight change the ranking?
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -24,6 +25,7 @@ declare -A CMD=(
   [quantizer_drift_rf]="$PY benchmarks/quantizer_stability.py --vlm $RF --stream gen --settings shapes_preset --steps 1000"
   [guidance]="$PY benchmarks/guidance_sweep.py --cfg 1 --runs $(printf "$STUDY/%s_s0 " pixel pixel_rf vae vae_rf pixel_repa pixel_cont)"
   [guidance_seed1]="$PY benchmarks/guidance_sweep.py --cfg 1 --runs $STUDY/pixel_s1 $STUDY/pixel_rf_s1"
+  [guidance_cont]="$PY benchmarks/guidance_sweep.py --cfg 1 --runs $STUDY/pixel_cont_s1 $STUDY/pixel_cont_s2"
 )
 names=("$@")
 [ ${#names[@]} -eq 0 ] && names=(train_throughput sampling peer_transfusion scaling quantizer_stability)
