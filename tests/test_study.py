@@ -42,7 +42,9 @@ def test_tiny_study_is_resumable_and_reported(tmp_path, monkeypatch, capsys):
     (results / "bench").mkdir()
     (results / "bench" / "sampling.jsonl").write_text('# python benchmarks/sampling.py\n{"ratio": 2.0}\n')
     md = write_results_md(results, tmp_path / "docs" / "RESULTS.md").read_text()
-    assert "| `pixel_rf` | 0.76 |" in md and "Codebook size" in md and "![pixel_rf](results/test/grids/" in md
+    assert "| `pixel_rf` | 0.76 |" in md and "![pixel_rf](results/test/grids/" in md
+    sweep = md[md.index("Codebook size"):md.index("ShapesEval by category")]
+    assert sweep.index("| 16 |") < sweep.index("(default)")  # rows by K: the sweep's K=16 before the default 32
     assert "In progress" not in md
     assert "hand-written" in md and '{"ratio": 2.0}' in md and "`python benchmarks/sampling.py`" in md
     assert (tmp_path / "docs" / "results" / "test" / "grids").is_dir()

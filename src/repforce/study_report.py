@@ -151,13 +151,16 @@ def shapes_section(budget: str, folder: Path, rel: str) -> list[str]:
                     b.vqa_n)
     sweep = {k: v for k, v in g.items() if k.startswith("pixel_rf K=")}
     if sweep:
-        lines += ["", "Codebook size (pixel_rf, seed 0):", "", "| K | ShapesEval overall | VQA |", "|---|---|---|"]
-        for k, rs in sorted(sweep.items(), key=lambda kv: int(kv[0].split("=")[1])):
-            lines.append(f"| {k.split('=')[1]} | {rs[0]['shapeseval']['overall']:.3f} | {rs[0]['vqa']:.3f} |")
-        s0 = [r for r in g.get("pixel_rf", []) if r["seed"] == 0]
-        if s0:
-            lines.append(f"| {s0[0]['config']['model']['codebook_size']} (default) | "
-                         f"{s0[0]['shapeseval']['overall']:.3f} | {s0[0]['vqa']:.3f} |")
+        rows = [(int(k.split("=")[1]), "", rs[0]) for k, rs in sweep.items()]
+        rows += [(r["config"]["model"]["codebook_size"], " (default)", r)
+                 for r in g.get("pixel_rf", []) if r["seed"] == 0]
+        scores = [r["shapeseval"]["overall"] for _, _, r in rows]
+        n = len(CATEGORIES) * b.per_category * b.n
+        lines += ["", "Codebook size (pixel_rf, seed 0; one standard error of a difference of two of these scores is "
+                  f"about {judging_noise(min(scores), max(scores), n):.3f}):", "",
+                  "| K | ShapesEval overall | VQA |", "|---|---|---|"]
+        for k, label, r in sorted(rows, key=lambda row: row[0]):
+            lines.append(f"| {k}{label} | {r['shapeseval']['overall']:.3f} | {r['vqa']:.3f} |")
     lines += ["", "ShapesEval by category (mean over seeds):", "",
               "| variant | " + " | ".join(CATEGORIES) + " |", "|---|" + "---|" * len(CATEGORIES)]
     for v, rs in g.items():
