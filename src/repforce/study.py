@@ -184,9 +184,10 @@ def ablation(budget: str = "quick", root: str | Path = "runs/study", results: st
     root, results = Path(root) / name, Path(results) / name
     results.mkdir(parents=True, exist_ok=True)
     vlm, vae = root / "vlm", root / "vae"
-    specs = [s for s in plan(b) if not only or s["name"] in only]
+    runs = plan(b)
+    specs = [s for s in runs if not only or s["name"] in only]
     if only:  # workers side by side: each names its runs, and the shared vlm / VAE are trained by one of them
-        names = {"vlm", "vae", *(s["name"] for s in plan(b))}
+        names = {"vlm", "vae", *(s["name"] for s in runs)}
         if unknown := [n for n in only if n not in names]:
             raise StudyError(f"only={unknown}: not runs of the {budget} study, which has {', '.join(sorted(names))}")
         for shared, users in (("vlm", specs), ("vae", [s for s in specs if s["variant"].startswith("vae")])):

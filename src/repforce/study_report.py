@@ -151,16 +151,16 @@ def shapes_section(budget: str, folder: Path, rel: str) -> list[str]:
                     b.vqa_n)
     sweep = {k: v for k, v in g.items() if k.startswith("pixel_rf K=")}
     if sweep:
-        rows = [(int(k.split("=")[1]), "", rs[0]) for k, rs in sweep.items()]
-        rows += [(r["config"]["model"]["codebook_size"], " (default)", r)
-                 for r in g.get("pixel_rf", []) if r["seed"] == 0]
-        scores = [r["shapeseval"]["overall"] for _, _, r in rows]
+        rows = [(rs[0], "") for rs in sweep.values()] + [(r, " (default)") for r in g.get("pixel_rf", [])
+                                                          if r["seed"] == 0]
+        scores = [r["shapeseval"]["overall"] for r, _ in rows]
         n = len(CATEGORIES) * b.per_category * b.n
         lines += ["", "Codebook size (pixel_rf, seed 0; one standard error of a difference of two of these scores is "
                   f"about {judging_noise(min(scores), max(scores), n):.3f}):", "",
                   "| K | ShapesEval overall | VQA |", "|---|---|---|"]
-        for k, label, r in sorted(rows, key=lambda row: row[0]):
-            lines.append(f"| {k}{label} | {r['shapeseval']['overall']:.3f} | {r['vqa']:.3f} |")
+        for r, label in sorted(rows, key=lambda row: row[0]["config"]["model"]["codebook_size"]):
+            lines.append(f"| {r['config']['model']['codebook_size']}{label} | {r['shapeseval']['overall']:.3f} | "
+                         f"{r['vqa']:.3f} |")
     lines += ["", "ShapesEval by category (mean over seeds):", "",
               "| variant | " + " | ".join(CATEGORIES) + " |", "|---|" + "---|" * len(CATEGORIES)]
     for v, rs in g.items():
