@@ -197,3 +197,10 @@ def test_vae_folder_geometry(tmp_path):
     cfg = ModelConfig(variant="vae_rf", image_size=256, enc_patch=16, **geo)
     assert cfg.n_gen == (256 // 16) ** 2
     assert pretrained.load_vae(tmp_path).config.latent_channels == 4
+
+
+def test_missing_vae_names_the_folder_and_the_fix(tmp_path):
+    from repforce.vae import load_vae
+
+    with pytest.raises(FileNotFoundError, match=r"train-vae --out .*nowhere"):
+        load_vae(tmp_path / "nowhere")

@@ -40,8 +40,9 @@ def load_vae(folder: str | Path):
     folder = Path(folder)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"no VAE in {folder} (expected a diffusers AutoencoderKL folder; "
-                                "train one with `repforce train-vae --out {folder}`)")
-    vae = AutoencoderKL.from_pretrained(str(folder), local_files_only=True)
+                                f"train one with `repforce train-vae --out {folder}`)")
+    # The VAE is small, so load it plainly: the default asks for `accelerate` and warns without it.
+    vae = AutoencoderKL.from_pretrained(str(folder), local_files_only=True, low_cpu_mem_usage=False)
     return vae.eval().requires_grad_(False)
 
 
