@@ -91,6 +91,9 @@ def test_tiny_fashion_study_scores_with_the_judge(tmp_path, monkeypatch):
     assert "**In progress:** 2 of 6 variant runs recorded" in md
     assert "## Fashion-MNIST, test budget" in md and "| `pixel_rf` |" in md and "not** comparable" in md
     assert "### Two-item composites" in md
+    composites = md.split("The paper's claims on the composites")[1].split("Loss curves")[0]
+    assert "RF lifts pixel-space generation" in composites and "on composites (" in composites
+    assert "RF helps understanding" not in composites  # VQA has its verdict once, with class accuracy
 
 
 def test_only_splits_the_study_between_workers(tmp_path, monkeypatch, capsys):
