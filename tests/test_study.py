@@ -9,7 +9,7 @@ from PIL import Image
 
 from repforce import fashion, study
 from repforce.report import read_log
-from repforce.study_report import judging_noise, margin, verdict, write_results_md
+from repforce.study_report import group, judging_noise, margin, verdict, write_results_md
 
 
 def test_tiny_study_is_resumable_and_reported(tmp_path, monkeypatch, capsys):
@@ -66,6 +66,17 @@ def test_tie_rule():
     assert margin([0.054], [0.125], n=480) == "; difference 3.9x the tie floor"
     assert margin([0.131], [0.125], n=480) == "; difference 0.3x the tie floor"
     assert margin([0.1], [0.2], n=0) == ""
+
+
+def test_tables_list_variants_in_one_order():
+    """Every table, whatever order the runs were recorded in: main variants, baselines, then the sweep by K."""
+    runs = [("pixel_rf_K1024_s0", "pixel_rf", ["model.codebook_size=1024"]), ("vae_s0", "vae", []),
+            ("pixel_cont_s0", "pixel_cont", []), ("pixel_rf_K64_s0", "pixel_rf", ["model.codebook_size=64"]),
+            ("pixel_rf_s0", "pixel_rf", []), ("pixel_s0", "pixel", []), ("pixel_repa_s0", "pixel_repa", [])]
+    results = {name: {"variant": v, "sets": sets, "fashion": {}} for name, v, sets in runs}
+    assert list(group(results, scored="fashion")) == ["pixel", "pixel_rf", "vae", "pixel_repa", "pixel_cont",
+                                                      "pixel_rf K=64", "pixel_rf K=1024"]
+    assert group(results) == {}  # none carries ShapesEval scores
 
 
 @pytest.mark.skipif(not fashion.available(), reason="needs Fashion-MNIST: apt install dataset-fashion-mnist")

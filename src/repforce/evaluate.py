@@ -83,7 +83,7 @@ def fashion(engine: Engine, n_per_class: int = 20, options: GenOptions | None = 
             vqa_n: int = 500, judge_dir: str | Path | None = None, root: str | Path | None = None,
             n_pairs: int = 0, n_per_pair: int = 4) -> tuple[dict, np.ndarray, np.ndarray | None]:
     """Fashion-MNIST: class accuracy and Frechet distance (judge features) of n_per_class
-    images per class prompt, and VQA accuracy ("what is this?") on the first vqa_n test images.
+    images per class prompt, and VQA accuracy ("what is this?") on the first vqa_n test images (none for 0).
     With n_pairs, also n_per_pair composites for each of n_pairs two-item prompts ("a bag to the
     left of a sandal"), scored for both items in order, beside the judge's ceiling on real ones.
     Returns the scores, the class images (class-major) and the composite images (pair-major) or None."""
@@ -102,6 +102,7 @@ def fashion(engine: Engine, n_per_class: int = 20, options: GenOptions | None = 
         scores["pairs"] = {**fm.score_pairs(pairs, np.repeat(np.array(plist), n_per_pair, 0), pj),
                            "ceiling": fm.pair_ceiling(pj, root, canvas=engine.cfg.image_size)["pair_accuracy"],
                            "judge": {"version": pmeta["version"], "sha256": pmeta["sha256"]}}
-    scores["vqa"] = fashion_vqa(engine, vqa_n, root)
+    if vqa_n:
+        scores["vqa"] = fashion_vqa(engine, vqa_n, root)
     scores["judge"] = {"version": meta["version"], "sha256": meta["sha256"], "test_accuracy": meta["test_accuracy"]}
     return scores, arr, pairs

@@ -31,7 +31,8 @@ def load_results(folder: Path) -> dict[str, dict]:
 
 
 def group(results: dict[str, dict], scored: str = "shapeseval") -> dict[str, list[dict]]:
-    """Runs by variant (codebook-sweep runs apart, by K); only runs that carry the `scored` scores."""
+    """Runs by variant (codebook-sweep runs apart, by K), in the tables' order: the main variants, the
+    baselines, then the sweep by K; only runs that carry the `scored` scores."""
     out: dict[str, list[dict]] = {}
     for r in results.values():
         if scored not in r:
@@ -41,7 +42,9 @@ def group(results: dict[str, dict], scored: str = "shapeseval") -> dict[str, lis
             if s.startswith("model.codebook_size="):
                 name = f"pixel_rf K={s.split('=')[1]}"
         out.setdefault(name, []).append(r)
-    return out
+    first = (*MAIN, "pixel_repa", "pixel_cont")
+    rank = {v: (first.index(v), 0) if v in first else (len(first), int(v.split("=")[1])) for v in out}
+    return dict(sorted(out.items(), key=lambda kv: rank[kv[0]]))
 
 
 def stat(vals: list[float]) -> tuple[float, float]:
@@ -131,9 +134,8 @@ def shapes_section(budget: str, folder: Path, rel: str) -> list[str]:
              f"Reproduce: `repforce study ablation --budget {budget}`.", ""]
     lines += ["| variant | paper GenEval | ShapesEval overall | VQA accuracy | train wall s | train CPU s |",
               "|---|---|---|---|---|---|"]
-    for v in (*MAIN, "pixel_repa", "pixel_cont"):
-        if v in g:
-            rs = g[v]
+    for v, rs in g.items():
+        if v in PAPER:
             lines.append(f"| `{v}` | {PAPER[v]:.2f} | {fmt([r['shapeseval']['overall'] for r in rs])} | "
                          f"{fmt([r['vqa'] for r in rs])} | {cost(rs)} |")
     if "vlm" in res:
@@ -228,12 +230,10 @@ def fashion_section(budget: str, folder: Path, rel: str) -> list[str]:
              f"Reproduce: `repforce study ablation --budget {budget} --world fashion`.", "",
              "| variant | class accuracy | Frechet distance | VQA accuracy | train wall s | train CPU s |",
              "|---|---|---|---|---|---|"]
-    for v in (*MAIN, "pixel_repa", "pixel_cont", *sorted(k for k in g if k.startswith("pixel_rf K="))):
-        if v in g:
-            rs = g[v]
-            lines.append(f"| `{v}` | {fmt([r['fashion']['class_accuracy'] for r in rs])} | "
-                         f"{fmt([r['fashion']['frechet_distance'] for r in rs])} | {fmt([r['vqa'] for r in rs])} | "
-                         f"{cost(rs)} |")
+    for v, rs in g.items():
+        lines.append(f"| `{v}` | {fmt([r['fashion']['class_accuracy'] for r in rs])} | "
+                     f"{fmt([r['fashion']['frechet_distance'] for r in rs])} | {fmt([r['vqa'] for r in rs])} | "
+                     f"{cost(rs)} |")
     if "vlm" in res:
         lines.append(f"| `vlm` (stage 1) | - | - | {res['vlm']['vqa']:.3f} | {cost([res['vlm']])} |")
     lines += TIME_NOTE
