@@ -80,7 +80,7 @@ def test_tables_list_variants_in_one_order():
 
 
 @pytest.mark.skipif(not fashion.available(), reason="needs Fashion-MNIST: apt install dataset-fashion-mnist")
-def test_tiny_fashion_study_scores_with_the_judge(tmp_path, monkeypatch):
+def test_tiny_fashion_study_scores_with_the_judge(tmp_path, monkeypatch, capsys):
     b = study.Budget(vlm_steps=2, vae_steps=2, steps=2, batch_size=4, seeds=(0,), codebooks=(), per_category=1,
                      n=1, vqa_n=4, preset="tiny", overrides=("train.precision=fp32",), n_fashion=2,
                      fashion_pairs=0.5, n_pairs=2)
@@ -98,6 +98,17 @@ def test_tiny_fashion_study_scores_with_the_judge(tmp_path, monkeypatch):
     assert pairs["n"] == 2 * study.PER_PAIR and 0 <= pairs["pair_accuracy"] <= pairs["item_accuracy"] <= 1
     assert pairs["ceiling"] > 0.6
     assert json.loads((results / "fashion_test" / "vae.json").read_text())["world"] == "fashion"
+    # the sampling sweep evaluates as the study does: its `default` row reproduces the recorded scores
+    monkeypatch.setattr(sys, "argv", ["fashion_sampling.py", "--runs", str(runs / "fashion_test" / "pixel_rf_s0"),
+                                      "--budget", "test", "--settings", "default", "rep_temperature=0.5,cfg=1"])
+    capsys.readouterr()
+    runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "fashion_sampling.py"), run_name="__main__")
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["setting"] for r in rows] == ["default", "rep_temperature=0.5,cfg=1"]
+    assert rows[0]["class_accuracy"] == pytest.approx(one["fashion"]["class_accuracy"], abs=1e-4)
+    assert rows[0]["frechet_distance"] == pytest.approx(one["fashion"]["frechet_distance"], abs=1e-3)
+    assert rows[0]["pair_accuracy"] == pytest.approx(pairs["pair_accuracy"])
+    assert rows[0]["digest"] != rows[1]["digest"]  # the setting reached the sampler
     md = write_results_md(results, tmp_path / "docs" / "RESULTS.md").read_text()
     assert "**In progress:** 2 of 6 variant runs recorded" in md
     assert "## Fashion-MNIST, test budget" in md and "| `pixel_rf` |" in md and "not** comparable" in md
