@@ -6,8 +6,9 @@
 # quantizer_stability needs a trained shapes vlm run (VLM=runs/vlm by default); quantizer_drift_* also a
 # pixel_rf run trained from it (RF=runs/pixel_rf): is narrow codebook use in training the features' or the training's?
 # guidance needs the full study's seed-0 runs (STUDY=runs/study/full), guidance_seed1 and guidance_cont its other seeds:
-# does the guidance weight change the ranking? fashion_sampling_* need the Fashion-MNIST full study's seed-0 runs
-# (FSTUDY=runs/study/fashion_full): what makes pixel_rf draw the wrong class there, its rep tokens or the guidance?
+# does the guidance weight change the ranking? fashion_sampling_* and fashion_oracle need the Fashion-MNIST full
+# study's seed-0 runs (FSTUDY=runs/study/fashion_full): what makes pixel_rf draw the wrong class there, its rep
+# tokens, the guidance, or its pixel stage?
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -30,6 +31,7 @@ declare -A CMD=(
   [guidance_cont]="$PY benchmarks/guidance_sweep.py --cfg 1 --runs $STUDY/pixel_cont_s1 $STUDY/pixel_cont_s2"
   [fashion_sampling_rf]="$PY benchmarks/fashion_sampling.py --runs $FSTUDY/pixel_rf_s0 --settings default rep_temperature=0.5 rep_cfg=4 cfg=1"
   [fashion_sampling_pixel]="$PY benchmarks/fashion_sampling.py --runs $FSTUDY/pixel_s0 --settings cfg=1"
+  [fashion_oracle]="$PY benchmarks/fashion_oracle.py --runs $FSTUDY/pixel_rf_s0"
 )
 names=("$@")
 [ ${#names[@]} -eq 0 ] && names=(train_throughput sampling peer_transfusion scaling quantizer_stability)

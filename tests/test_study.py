@@ -109,6 +109,15 @@ def test_tiny_fashion_study_scores_with_the_judge(tmp_path, monkeypatch, capsys)
     assert rows[0]["frechet_distance"] == pytest.approx(one["fashion"]["frechet_distance"], abs=1e-3)
     assert rows[0]["pair_accuracy"] == pytest.approx(pairs["pair_accuracy"])
     assert rows[0]["digest"] != rows[1]["digest"]  # the setting reached the sampler
+    # the oracle swaps in real images' rep tokens: three conditions, each over every class prompt
+    monkeypatch.setattr(sys, "argv", ["fashion_oracle.py", "--runs", str(runs / "fashion_test" / "pixel_rf_s0"),
+                                      "--budget", "test"])
+    runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "fashion_oracle.py"), run_name="__main__")
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["condition"].split(", ")[1] for r in rows] == ["same class", "next class", "shuffled"]
+    assert all(r["n"] == 2 * len(fashion.CLASSES) for r in rows)
+    assert rows[0]["judged_prompted_class"] == rows[0]["judged_token_class"]  # same class: one and the same label
+    assert rows[1]["judged_prompted_class"] + rows[1]["judged_token_class"] <= 1  # next class: two different labels
     md = write_results_md(results, tmp_path / "docs" / "RESULTS.md").read_text()
     assert "**In progress:** 2 of 6 variant runs recorded" in md
     assert "## Fashion-MNIST, test budget" in md and "| `pixel_rf` |" in md and "not** comparable" in md

@@ -1,0 +1,83 @@
+"""Do a pixel_rf run's pixels follow its rep tokens or its text? Prints one JSON object per
+(run, condition): how often the judge sees the prompted class, and the tokens' class.
+
+    .venv/bin/python benchmarks/fashion_oracle.py --runs runs/study/fashion_full/pixel_rf_s0
+
+The run's own rep tokens are replaced by those of real test images (its EMA encoder and
+quantizer, as in training), and only the pixel stage samples, at the study's settings:
+
+- `real tokens, same class`: tokens of an image of the prompted class. If class accuracy is
+  high here and low in the study, the sampled tokens are what goes wrong (the first stage);
+  if it is low here too, the pixel stage cannot turn even right tokens into the class.
+- `real tokens, next class`: tokens of an image of class k+1 under the prompt of class k.
+  The judge's vote between text and tokens says which the pixels follow.
+- `real tokens, shuffled`: tokens of the right class with their cells permuted within the
+  image: how much of the guidance is in the grid's layout rather than in which ids it holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from repforce import fashion as fm
+from repforce.engine import GenOptions, load
+from repforce.study import BUDGETS
+
+
+def pixels(eng, prompts: list[str], ids: torch.Tensor, seed: int, bs: int = 100) -> np.ndarray:
+    """uint8 images (B, H, W, 3) from the pixel stage alone, guided by the given rep ids."""
+    gen = torch.Generator(eng.device).manual_seed(seed)
+    out = []
+    with torch.no_grad(), eng._autocast():
+        for s in range(0, len(prompts), bs):
+            x = eng.sample_pixels(prompts[s:s + bs], ids[s:s + bs].to(eng.device), GenOptions(), gen)
+            out.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", nargs="+", required=True, help="trained pixel_rf run folders")
+    ap.add_argument("--budget", default="full", help="the study budget whose images per class to use")
+    ap.add_argument("--root", default=str(fm.DEFAULT_ROOT))
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    n = BUDGETS[args.budget].n_fashion
+    x_te, y_te = fm.load_split("test", args.root)
+    # the first n test images of each class; the Frechet distance's real set is the last 2,000
+    idx = np.concatenate([np.flatnonzero(y_te == k)[:n] for k in range(len(fm.CLASSES))])
+    labels = y_te[idx]
+    judge, _ = fm.load_judge()
+    for run in args.runs:
+        eng = load(run)
+        if not eng.cfg.rep_ids:
+            raise SystemExit(f"{run} is a {eng.cfg.variant} run: it has no rep tokens to replace")
+        size = eng.cfg.image_size
+        real = np.stack([fm.to_canvas(x_te[i], size) for i in idx])
+        x = torch.from_numpy(real).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        with torch.no_grad():
+            ids = torch.cat([eng.model.rep_targets(x[s:s + 100].to(eng.device))[0].cpu()
+                             for s in range(0, len(x), 100)])
+        g = torch.Generator().manual_seed(args.seed)
+        shuffled = torch.stack([row[torch.randperm(row.numel(), generator=g)] for row in ids])
+        nxt = (np.arange(len(idx)) + n) % len(idx)  # rows are class-major: n rows on is the next class
+        conditions = [("real tokens, same class", ids, labels),
+                      ("real tokens, next class", ids[nxt], labels[nxt]),
+                      ("real tokens, shuffled", shuffled, labels)]
+        for name, rep, token_class in conditions:
+            t0 = time.time()
+            images = pixels(eng, [fm.caption(int(k)) for k in labels], rep, args.seed)
+            pred, _ = fm.predict(judge, images)
+            print(json.dumps({"run": run, "condition": name, "n": int(len(images)),
+                              "judged_prompted_class": round(float((pred == labels).mean()), 4),
+                              "judged_token_class": round(float((pred == token_class).mean()), 4),
+                              "wall_s": round(time.time() - t0, 1)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
