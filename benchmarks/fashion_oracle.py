@@ -13,6 +13,10 @@ quantizer, as in training), and only the pixel stage samples, at the study's set
   The judge's vote between text and tokens says which the pixels follow.
 - `real tokens, shuffled`: tokens of the right class with their cells permuted within the
   image: how much of the guidance is in the grid's layout rather than in which ids it holds.
+
+First, a `token probe`: a linear classifier on the one-hot rep ids of 5,000 training images,
+scored on 2,000 test images: how much of the class the tokens hold at all. The same
+classifier on the raw pixels (`pixel_probe_accuracy`) is its yardstick.
 """
 
 from __future__ import annotations
@@ -40,6 +44,32 @@ def pixels(eng, prompts: list[str], ids: torch.Tensor, seed: int, bs: int = 100)
     return np.concatenate(out)
 
 
+def rep_ids(eng, images: np.ndarray, bs: int = 100) -> torch.Tensor:
+    """Rep ids (B, M) of uint8 canvases (B, H, W, 3), from the run's EMA encoder and quantizer."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    with torch.no_grad():
+        return torch.cat([eng.model.rep_targets(x[s:s + bs].to(eng.device))[0].cpu() for s in range(0, len(x), bs)])
+
+
+def onehot(ids: torch.Tensor, codes: int) -> torch.Tensor:
+    """(B, M) ids -> (B, M * codes): each cell its own block."""
+    return torch.nn.functional.one_hot(ids, codes).flatten(1).float()
+
+
+def probe(xtr: torch.Tensor, train_y, xte: torch.Tensor, test_y, steps: int = 300) -> float:
+    """Test accuracy of a linear classifier (full-batch Adam) on features (B, F)."""
+    ytr = torch.tensor(train_y, dtype=torch.long)  # a copy: the IDX labels are a read-only map
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(xtr.shape[1], len(fm.CLASSES))
+    opt = torch.optim.Adam(lin.parameters(), lr=1e-2, weight_decay=1e-4)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(lin(xtr), ytr).backward()
+        opt.step()
+    with torch.no_grad():
+        return float((lin(xte).argmax(1).numpy() == test_y).mean())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", nargs="+", required=True, help="trained pixel_rf run folders")
@@ -58,11 +88,18 @@ def main() -> None:
         if not eng.cfg.rep_ids:
             raise SystemExit(f"{run} is a {eng.cfg.variant} run: it has no rep tokens to replace")
         size = eng.cfg.image_size
-        real = np.stack([fm.to_canvas(x_te[i], size) for i in idx])
-        x = torch.from_numpy(real).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-        with torch.no_grad():
-            ids = torch.cat([eng.model.rep_targets(x[s:s + 100].to(eng.device))[0].cpu()
-                             for s in range(0, len(x), 100)])
+        t0 = time.time()
+        x_tr, y_tr = fm.load_split("train", args.root)
+        tr, te = np.stack([fm.to_canvas(im, size) for im in x_tr[:5000]]), np.stack(
+            [fm.to_canvas(im, size) for im in x_te[-2000:]])
+        k = eng.cfg.codebook_size
+        acc = probe(onehot(rep_ids(eng, tr), k), y_tr[:5000], onehot(rep_ids(eng, te), k), y_te[-2000:])
+        raw = probe(torch.tensor(x_tr[:5000].reshape(5000, -1)).float() / 255, y_tr[:5000],
+                    torch.tensor(x_te[-2000:].reshape(2000, -1)).float() / 255, y_te[-2000:])
+        print(json.dumps({"run": run, "condition": "token probe", "train": 5000, "test": 2000,
+                          "test_accuracy": round(acc, 4), "pixel_probe_accuracy": round(raw, 4),
+                          "wall_s": round(time.time() - t0, 1)}), flush=True)
+        ids = rep_ids(eng, np.stack([fm.to_canvas(x_te[i], size) for i in idx]))
         g = torch.Generator().manual_seed(args.seed)
         shuffled = torch.stack([row[torch.randperm(row.numel(), generator=g)] for row in ids])
         nxt = (np.arange(len(idx)) + n) % len(idx)  # rows are class-major: n rows on is the next class

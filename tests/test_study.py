@@ -114,6 +114,7 @@ def test_tiny_fashion_study_scores_with_the_judge(tmp_path, monkeypatch, capsys)
                                       "--budget", "test"])
     runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "fashion_oracle.py"), run_name="__main__")
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rows[0]["condition"] == "token probe" and 0 <= rows.pop(0)["test_accuracy"] <= 1
     assert [r["condition"].split(", ")[1] for r in rows] == ["same class", "next class", "shuffled"]
     assert all(r["n"] == 2 * len(fashion.CLASSES) for r in rows)
     assert rows[0]["judged_prompted_class"] == rows[0]["judged_token_class"]  # same class: one and the same label
