@@ -16,7 +16,8 @@ quantizer, as in training), and only the pixel stage samples, at the study's set
 
 First, a `token probe`: a linear classifier on the one-hot rep ids of 5,000 training images,
 scored on 2,000 test images: how much of the class the tokens hold at all. The same
-classifier on the raw pixels (`pixel_probe_accuracy`) is its yardstick.
+classifier on the features the quantizer is given (`feature_probe_accuracy`: pooled, before
+the ids) says what quantizing loses, and on the raw pixels (`pixel_probe_accuracy`) is the yardstick.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 
 from repforce import fashion as fm
 from repforce.engine import GenOptions, load
+from repforce.quantizer import pool2x2
 from repforce.study import BUDGETS
 
 
@@ -51,13 +53,25 @@ def rep_ids(eng, images: np.ndarray, bs: int = 100) -> torch.Tensor:
         return torch.cat([eng.model.rep_targets(x[s:s + bs].to(eng.device))[0].cpu() for s in range(0, len(x), bs)])
 
 
+def rep_features(eng, images: np.ndarray, bs: int = 100) -> torch.Tensor:
+    """What the quantizer is given: the pooled target features, flattened to (B, M * De)."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    m = eng.model
+    with torch.no_grad():
+        return torch.cat([pool2x2(m.target_features(x[s:s + bs].to(eng.device)), m.cfg.rep_pool).flatten(1).cpu()
+                          for s in range(0, len(x), bs)]).float()
+
+
 def onehot(ids: torch.Tensor, codes: int) -> torch.Tensor:
     """(B, M) ids -> (B, M * codes): each cell its own block."""
     return torch.nn.functional.one_hot(ids, codes).flatten(1).float()
 
 
 def probe(xtr: torch.Tensor, train_y, xte: torch.Tensor, test_y, steps: int = 300) -> float:
-    """Test accuracy of a linear classifier (full-batch Adam) on features (B, F)."""
+    """Test accuracy of a linear classifier (full-batch Adam) on features (B, F), centered and put on one scale
+    by the train set's (one scale for all: per-feature scaling would blow up rare ids and edge pixels)."""
+    mu, sd = xtr.mean(0), xtr.std()
+    xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
     ytr = torch.tensor(train_y, dtype=torch.long)  # a copy: the IDX labels are a read-only map
     torch.manual_seed(0)
     lin = torch.nn.Linear(xtr.shape[1], len(fm.CLASSES))
@@ -94,10 +108,12 @@ def main() -> None:
             [fm.to_canvas(im, size) for im in x_te[-2000:]])
         k = eng.cfg.codebook_size
         acc = probe(onehot(rep_ids(eng, tr), k), y_tr[:5000], onehot(rep_ids(eng, te), k), y_te[-2000:])
+        feat = probe(rep_features(eng, tr), y_tr[:5000], rep_features(eng, te), y_te[-2000:])
         raw = probe(torch.tensor(x_tr[:5000].reshape(5000, -1)).float() / 255, y_tr[:5000],
                     torch.tensor(x_te[-2000:].reshape(2000, -1)).float() / 255, y_te[-2000:])
         print(json.dumps({"run": run, "condition": "token probe", "train": 5000, "test": 2000,
-                          "test_accuracy": round(acc, 4), "pixel_probe_accuracy": round(raw, 4),
+                          "test_accuracy": round(acc, 4), "feature_probe_accuracy": round(feat, 4),
+                          "pixel_probe_accuracy": round(raw, 4),
                           "wall_s": round(time.time() - t0, 1)}), flush=True)
         ids = rep_ids(eng, np.stack([fm.to_canvas(x_te[i], size) for i in idx]))
         g = torch.Generator().manual_seed(args.seed)
