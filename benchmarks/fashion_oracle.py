@@ -3,6 +3,9 @@
 
     .venv/bin/python benchmarks/fashion_oracle.py --runs runs/study/fashion_full/pixel_rf_s0
 
+A pixel_cont run is probed the same way with its continuous rep features in place of tokens
+("real features"; its probe reads those features).
+
 The run's own rep tokens are replaced by those of real test images (its EMA encoder and
 quantizer, as in training), and only the pixel stage samples, at the study's settings:
 
@@ -33,15 +36,18 @@ from repforce import fashion as fm
 from repforce.engine import GenOptions, load
 from repforce.quantizer import pool2x2
 from repforce.study import BUDGETS
+from repforce.vae import decode
 
 
 def pixels(eng, prompts: list[str], ids: torch.Tensor, seed: int, bs: int = 100) -> np.ndarray:
-    """uint8 images (B, H, W, 3) from the pixel stage alone, guided by the given rep ids."""
+    """uint8 images (B, H, W, 3) from the pixel stage alone, guided by the given rep ids (or features)."""
     gen = torch.Generator(eng.device).manual_seed(seed)
     out = []
     with torch.no_grad(), eng._autocast():
         for s in range(0, len(prompts), bs):
             x = eng.sample_pixels(prompts[s:s + bs], ids[s:s + bs].to(eng.device), GenOptions(), gen)
+            if eng.cfg.variant.startswith("vae"):
+                x = decode(eng.vae, x)
             out.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
     return np.concatenate(out)
 
@@ -67,6 +73,15 @@ def onehot(ids: torch.Tensor, codes: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(ids, codes).flatten(1).float()
 
 
+def real_reps(eng, images: np.ndarray, bs: int = 100) -> torch.Tensor:
+    """What guides the pixels, from real images: rep ids (B, M), or pixel_cont's features (B, M, De)."""
+    if eng.cfg.rep_ids:
+        return rep_ids(eng, images, bs)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    with torch.no_grad():
+        return torch.cat([eng.model.cont_targets(x[s:s + bs].to(eng.device)).cpu() for s in range(0, len(x), bs)])
+
+
 def probe(xtr: torch.Tensor, train_y, xte: torch.Tensor, test_y, steps: int = 300) -> float:
     """Test accuracy of a linear classifier (full-batch Adam) on features (B, F), centered and put on one scale
     by the train set's (one scale for all: per-feature scaling would blow up rare ids and edge pixels)."""
@@ -86,7 +101,7 @@ def probe(xtr: torch.Tensor, train_y, xte: torch.Tensor, test_y, steps: int = 30
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", nargs="+", required=True, help="trained pixel_rf run folders")
+    ap.add_argument("--runs", nargs="+", required=True, help="trained pixel_rf, vae_rf or pixel_cont run folders")
     ap.add_argument("--budget", default="full", help="the study budget whose images per class to use")
     ap.add_argument("--root", default=str(fm.DEFAULT_ROOT))
     ap.add_argument("--seed", type=int, default=0)
@@ -99,29 +114,33 @@ def main() -> None:
     judge, _ = fm.load_judge()
     for run in args.runs:
         eng = load(run)
-        if not eng.cfg.rep_ids:
+        if not eng.cfg.rep_slots:
             raise SystemExit(f"{run} is a {eng.cfg.variant} run: it has no rep tokens to replace")
+        what = "real tokens" if eng.cfg.rep_ids else "real features"
         size = eng.cfg.image_size
         t0 = time.time()
         x_tr, y_tr = fm.load_split("train", args.root)
         tr, te = np.stack([fm.to_canvas(im, size) for im in x_tr[:5000]]), np.stack(
             [fm.to_canvas(im, size) for im in x_te[-2000:]])
-        k = eng.cfg.codebook_size
-        acc = probe(onehot(rep_ids(eng, tr), k), y_tr[:5000], onehot(rep_ids(eng, te), k), y_te[-2000:])
+        if eng.cfg.rep_ids:
+            k = eng.cfg.codebook_size
+            acc = probe(onehot(rep_ids(eng, tr), k), y_tr[:5000], onehot(rep_ids(eng, te), k), y_te[-2000:])
+        else:
+            acc = probe(real_reps(eng, tr).flatten(1), y_tr[:5000], real_reps(eng, te).flatten(1), y_te[-2000:])
         feat = probe(rep_features(eng, tr), y_tr[:5000], rep_features(eng, te), y_te[-2000:])
         raw = probe(torch.tensor(x_tr[:5000].reshape(5000, -1)).float() / 255, y_tr[:5000],
                     torch.tensor(x_te[-2000:].reshape(2000, -1)).float() / 255, y_te[-2000:])
-        print(json.dumps({"run": run, "condition": "token probe", "train": 5000, "test": 2000,
+        print(json.dumps({"run": run, "condition": "token probe" if eng.cfg.rep_ids else "feature probe", "train": 5000, "test": 2000,
                           "test_accuracy": round(acc, 4), "feature_probe_accuracy": round(feat, 4),
                           "pixel_probe_accuracy": round(raw, 4),
                           "wall_s": round(time.time() - t0, 1)}), flush=True)
-        ids = rep_ids(eng, np.stack([fm.to_canvas(x_te[i], size) for i in idx]))
+        reps = real_reps(eng, np.stack([fm.to_canvas(x_te[i], size) for i in idx]))
         g = torch.Generator().manual_seed(args.seed)
-        shuffled = torch.stack([row[torch.randperm(row.numel(), generator=g)] for row in ids])
+        shuffled = torch.stack([row[torch.randperm(row.shape[0], generator=g)] for row in reps])  # cells permuted
         nxt = (np.arange(len(idx)) + n) % len(idx)  # rows are class-major: n rows on is the next class
-        conditions = [("real tokens, same class", ids, labels),
-                      ("real tokens, next class", ids[nxt], labels[nxt]),
-                      ("real tokens, shuffled", shuffled, labels)]
+        conditions = [(f"{what}, same class", reps, labels),
+                      (f"{what}, next class", reps[nxt], labels[nxt]),
+                      (f"{what}, shuffled", shuffled, labels)]
         for name, rep, token_class in conditions:
             t0 = time.time()
             images = pixels(eng, [fm.caption(int(k)) for k in labels], rep, args.seed)

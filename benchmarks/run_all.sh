@@ -32,6 +32,7 @@ declare -A CMD=(
   [fashion_sampling_rf]="$PY benchmarks/fashion_sampling.py --runs $FSTUDY/pixel_rf_s0 --settings default rep_temperature=0.5 rep_cfg=4 cfg=1"
   [fashion_sampling_pixel]="$PY benchmarks/fashion_sampling.py --runs $FSTUDY/pixel_s0 --settings cfg=1"
   [fashion_oracle]="$PY benchmarks/fashion_oracle.py --runs $FSTUDY/pixel_rf_s0"
+  [fashion_oracle_cont]="$PY benchmarks/fashion_oracle.py --runs $FSTUDY/pixel_cont_s0"
 )
 names=("$@")
 [ ${#names[@]} -eq 0 ] && names=(train_throughput sampling peer_transfusion scaling quantizer_stability)

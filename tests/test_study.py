@@ -110,17 +110,25 @@ def test_tiny_fashion_study_scores_with_the_judge(tmp_path, monkeypatch, capsys)
     assert rows[0]["pair_accuracy"] == pytest.approx(pairs["pair_accuracy"])
     assert rows[0]["digest"] != rows[1]["digest"]  # the setting reached the sampler
     # the oracle swaps in real images' rep tokens: three conditions, each over every class prompt
-    monkeypatch.setattr(sys, "argv", ["fashion_oracle.py", "--runs", str(runs / "fashion_test" / "pixel_rf_s0"),
-                                      "--budget", "test"])
+    # the oracle swaps in real images' rep tokens (or pixel_cont's features): a probe, then three conditions
+    study.ablation("test", runs, results, progress=False, only=["vae_rf_s0", "pixel_cont_s0"], world="fashion")
+    monkeypatch.setattr(sys, "argv", ["fashion_oracle.py", "--budget", "test", "--runs",
+                                      *(str(runs / "fashion_test" / r) for r in ("pixel_rf_s0", "vae_rf_s0", "pixel_cont_s0"))])
     runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "fashion_oracle.py"), run_name="__main__")
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert rows[0]["condition"] == "token probe" and 0 <= rows.pop(0)["test_accuracy"] <= 1
-    assert [r["condition"].split(", ")[1] for r in rows] == ["same class", "next class", "shuffled"]
+    assert [r["condition"] for r in rows[::4]] == ["token probe", "token probe", "feature probe"]
+    assert all(0 <= r["test_accuracy"] <= 1 for r in rows[::4])
+    rows = [r for i, r in enumerate(rows) if i % 4]
+    assert [r["condition"] for r in rows[-3:]] == ["real features, same class", "real features, next class",
+                                                   "real features, shuffled"]
+    assert [r["condition"] for r in rows[:3]] == ["real tokens, same class", "real tokens, next class",
+                                                  "real tokens, shuffled"]
     assert all(r["n"] == 2 * len(fashion.CLASSES) for r in rows)
-    assert rows[0]["judged_prompted_class"] == rows[0]["judged_token_class"]  # same class: one and the same label
-    assert rows[1]["judged_prompted_class"] + rows[1]["judged_token_class"] <= 1  # next class: two different labels
+    same, following = rows[::3], rows[1::3]
+    assert all(r["judged_prompted_class"] == r["judged_token_class"] for r in same)  # one and the same label
+    assert all(r["judged_prompted_class"] + r["judged_token_class"] <= 1 for r in following)  # two different labels
     md = write_results_md(results, tmp_path / "docs" / "RESULTS.md").read_text()
-    assert "**In progress:** 2 of 6 variant runs recorded" in md
+    assert "**In progress:** 4 of 6 variant runs recorded" in md
     assert "## Fashion-MNIST, test budget" in md and "| `pixel_rf` |" in md and "not** comparable" in md
     assert "### Two-item composites" in md
     composites = md.split("The paper's claims on the composites")[1].split("Loss curves")[0]

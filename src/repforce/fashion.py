@@ -30,6 +30,7 @@ import gzip
 import hashlib
 import json
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -375,8 +376,11 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
     mu1, mu2 = a.mean(0), b.mean(0)
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
-    covmean = covmean.real
+    # with fewer images than feature dimensions s1 is singular and SciPy warns; the square root is still the
+    # one every FID implementation takes. (`disp=False` is gone in SciPy 1.18; this form works in both.)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(s1 @ s2).real
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
 
 
