@@ -52,34 +52,32 @@ def pixels(eng, prompts: list[str], ids: torch.Tensor, seed: int, bs: int = 100)
     return np.concatenate(out)
 
 
-def rep_ids(eng, images: np.ndarray, bs: int = 100) -> torch.Tensor:
-    """Rep ids (B, M) of uint8 canvases (B, H, W, 3), from the run's EMA encoder and quantizer."""
+def batched(eng, images: np.ndarray, fn, bs: int = 100) -> torch.Tensor:
+    """fn over uint8 canvases (B, H, W, 3) as [-1, 1] tensors, bs at a time, concatenated on the CPU."""
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
     with torch.no_grad():
-        return torch.cat([eng.model.rep_targets(x[s:s + bs].to(eng.device))[0].cpu() for s in range(0, len(x), bs)])
+        return torch.cat([fn(x[s:s + bs].to(eng.device)).cpu() for s in range(0, len(x), bs)])
 
 
-def rep_features(eng, images: np.ndarray, bs: int = 100) -> torch.Tensor:
+def rep_ids(eng, images: np.ndarray) -> torch.Tensor:
+    """Rep ids (B, M), from the run's EMA encoder and quantizer."""
+    return batched(eng, images, lambda x: eng.model.rep_targets(x)[0])
+
+
+def rep_features(eng, images: np.ndarray) -> torch.Tensor:
     """What the quantizer is given: the pooled target features, flattened to (B, M * De)."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
     m = eng.model
-    with torch.no_grad():
-        return torch.cat([pool2x2(m.target_features(x[s:s + bs].to(eng.device)), m.cfg.rep_pool).flatten(1).cpu()
-                          for s in range(0, len(x), bs)]).float()
+    return batched(eng, images, lambda x: pool2x2(m.target_features(x), m.cfg.rep_pool).flatten(1)).float()
+
+
+def real_reps(eng, images: np.ndarray) -> torch.Tensor:
+    """What guides the pixels, from real images: rep ids (B, M), or pixel_cont's features (B, M, De)."""
+    return rep_ids(eng, images) if eng.cfg.rep_ids else batched(eng, images, eng.model.cont_targets)
 
 
 def onehot(ids: torch.Tensor, codes: int) -> torch.Tensor:
     """(B, M) ids -> (B, M * codes): each cell its own block."""
     return torch.nn.functional.one_hot(ids, codes).flatten(1).float()
-
-
-def real_reps(eng, images: np.ndarray, bs: int = 100) -> torch.Tensor:
-    """What guides the pixels, from real images: rep ids (B, M), or pixel_cont's features (B, M, De)."""
-    if eng.cfg.rep_ids:
-        return rep_ids(eng, images, bs)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-    with torch.no_grad():
-        return torch.cat([eng.model.cont_targets(x[s:s + bs].to(eng.device)).cpu() for s in range(0, len(x), bs)])
 
 
 def probe(xtr: torch.Tensor, train_y, xte: torch.Tensor, test_y, steps: int = 300) -> float:
@@ -107,6 +105,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     n = BUDGETS[args.budget].n_fashion
+    x_tr, y_tr = fm.load_split("train", args.root)
     x_te, y_te = fm.load_split("test", args.root)
     # the first n test images of each class; the Frechet distance's real set is the last 2,000
     idx = np.concatenate([np.flatnonzero(y_te == k)[:n] for k in range(len(fm.CLASSES))])
@@ -119,14 +118,12 @@ def main() -> None:
         what = "real tokens" if eng.cfg.rep_ids else "real features"
         size = eng.cfg.image_size
         t0 = time.time()
-        x_tr, y_tr = fm.load_split("train", args.root)
         tr, te = np.stack([fm.to_canvas(im, size) for im in x_tr[:5000]]), np.stack(
             [fm.to_canvas(im, size) for im in x_te[-2000:]])
-        if eng.cfg.rep_ids:
-            k = eng.cfg.codebook_size
-            acc = probe(onehot(rep_ids(eng, tr), k), y_tr[:5000], onehot(rep_ids(eng, te), k), y_te[-2000:])
-        else:
-            acc = probe(real_reps(eng, tr).flatten(1), y_tr[:5000], real_reps(eng, te).flatten(1), y_te[-2000:])
+        # what the pixels are given, as probe input: one-hot ids, or pixel_cont's features
+        given = (lambda im: onehot(rep_ids(eng, im), eng.cfg.codebook_size)) if eng.cfg.rep_ids else (
+            lambda im: real_reps(eng, im).flatten(1))
+        acc = probe(given(tr), y_tr[:5000], given(te), y_te[-2000:])
         feat = probe(rep_features(eng, tr), y_tr[:5000], rep_features(eng, te), y_te[-2000:])
         raw = probe(torch.tensor(x_tr[:5000].reshape(5000, -1)).float() / 255, y_tr[:5000],
                     torch.tensor(x_te[-2000:].reshape(2000, -1)).float() / 255, y_te[-2000:])
