@@ -109,7 +109,6 @@ def test_tiny_fashion_study_scores_with_the_judge(tmp_path, monkeypatch, capsys)
     assert rows[0]["frechet_distance"] == pytest.approx(one["fashion"]["frechet_distance"], abs=1e-3)
     assert rows[0]["pair_accuracy"] == pytest.approx(pairs["pair_accuracy"])
     assert rows[0]["digest"] != rows[1]["digest"]  # the setting reached the sampler
-    # the oracle swaps in real images' rep tokens: three conditions, each over every class prompt
     # the oracle swaps in real images' rep tokens (or pixel_cont's features): a probe, then three conditions
     study.ablation("test", runs, results, progress=False, only=["vae_rf_s0", "pixel_cont_s0"], world="fashion")
     monkeypatch.setattr(sys, "argv", ["fashion_oracle.py", "--budget", "test", "--runs",
