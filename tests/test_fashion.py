@@ -128,3 +128,41 @@ def test_judge_training_learns(tmp_path):
     (tmp_path / "judge.safetensors").write_bytes(b"tampered")
     with pytest.raises(fm.FashionDataError, match="sha256"):
         fm.load_judge(tmp_path)
+
+
+def test_gray_needs_the_fashion_world_and_a_pixel_model():
+    from repforce import config as C
+
+    cfg = C.validate(C.override(C.preset("tiny", "pixel_rf"), ["data.world=fashion", "data.channels=1"]))
+    assert cfg.model.image_channels == cfg.model.gen_channels == 1  # data.channels carries the model with it
+    with pytest.raises(C.ConfigError, match="data.channels=1: gray images need data.world=fashion"):
+        C.validate(C.override(C.preset("tiny", "pixel"), ["data.channels=1"]))
+    with pytest.raises(C.ConfigError, match="model.image_channels=1: must equal data.channels=3"):
+        C.validate(C.override(C.preset("tiny", "pixel"), ["model.image_channels=1", "model.gen_channels=1"]))
+    with pytest.raises(C.ConfigError, match="RGB VAE"):
+        C.validate(C.override(C.preset("tiny", "vae"), ["data.world=fashion", "data.channels=1", "train.vae=v"]))
+
+
+@needs_data
+def test_gray_model_trains_generates_and_answers(tmp_path):
+    from PIL import Image
+
+    import repforce
+    from repforce import config as C
+    from repforce.engine import GenOptions
+    from repforce.train import train
+
+    cfg = C.override(C.preset("tiny", "pixel_rf"), ["data.world=fashion", "data.channels=1", "data.fashion_pairs=0.5",
+                                                   "train.steps=3", "train.batch_size=4"])
+    samples = [sample_at(cfg.data, j) for j in range(20)]
+    assert all(s.image.shape == (32, 32, 1) for s in samples)  # one-item and composite canvases alike
+    train(cfg, tmp_path, progress=False)
+    model = repforce.load(tmp_path)
+    assert model.model.encoder.patch_embed.in_features == 4 * 4 * 1
+    arr, _ = model.generate_arrays(["a photo of a bag"], n=2, options=GenOptions(steps=2))
+    assert arr.shape == (2, 32, 32, 3) and (arr[..., 0] == arr[..., 2]).all()  # gray, replicated for PNG and judges
+    x, _ = fm.load_split("test")
+    gray = fm.to_canvas(x[0], 32, rgb=False)
+    Image.fromarray(fm.to_canvas(x[0], 32)).save(tmp_path / "rgb.png")
+    a = model.answer([gray, gray[..., 0], tmp_path / "rgb.png"], [fm.QUESTION] * 3)
+    assert len(a) == 3 and a[0] == a[1] == a[2]  # the same gray image, however it comes

@@ -111,6 +111,14 @@ def validate(cfg: Config) -> Config:
         from .datasources import check_mix
 
         check_mix(cfg.mix, need)
+    need(d.channels in (1, 3), "data.channels", d.channels, "must be 3 (RGB) or 1 (gray)")
+    need(d.channels == 3 or d.world == "fashion", "data.channels", d.channels,
+         f"gray images need data.world=fashion (the {d.world} world is in color)")
+    need(m.image_channels == d.channels, "model.image_channels", m.image_channels, f"must equal data.channels={d.channels}")
+    need(d.channels == 3 or not m.variant.startswith("vae"), "data.channels", d.channels,
+         f"variant {m.variant} encodes with an RGB VAE (train-vae): use data.channels=3")
+    need(d.channels == 3 or m.encoder == "vit", "data.channels", d.channels,
+         f"model.encoder={m.encoder!r} is a pretrained RGB tower: use data.channels=3")
     need(t.device in ("cpu", "cuda", "auto") or t.device.startswith("cuda:"), "train.device", t.device,
          "must be cpu, cuda, cuda:N or auto")
     need(m.image_size % m.gen_patch == 0 or not m.variant.startswith("pixel"), "model.image_size", m.image_size,
@@ -205,7 +213,8 @@ def override(cfg: Config, assignments: list[str]) -> Config:
     """Apply `section.field=value` strings, each checked against the field's type.
 
     A section's fields change together, so fields that must agree can move at once
-    (model.image_size=512 model.gen_size=512 for a pixel variant)."""
+    (model.image_size=512 model.gen_size=512 for a pixel variant). data.channels carries the
+    model's image channels with it (and the diffused channels of a pixel variant)."""
     changes: dict[str, dict] = {}
     for a in assignments:
         if "=" not in a:
@@ -221,6 +230,11 @@ def override(cfg: Config, assignments: list[str]) -> Config:
         if name not in hints:
             raise ConfigError(f"{key}: {type(sub).__name__} has no field {name!r}")
         changes.setdefault(section, {})[name] = _coerce(text, hints[name], key)
+    if "channels" in changes.get("data", {}):
+        ch, model = changes["data"]["channels"], changes.setdefault("model", {})
+        model.setdefault("image_channels", ch)
+        if model.get("variant", cfg.model.variant).startswith("pixel"):
+            model.setdefault("gen_channels", ch)
     for section, fields in changes.items():
         try:
             cfg = replace(cfg, **{section: replace(getattr(cfg, section), **fields)})

@@ -208,7 +208,10 @@ class Engine:
     @torch.no_grad()
     def generate_arrays(self, prompts: list[str], n: int = 1, seed: int = 0, options: GenOptions | None = None,
                         batch_size: int = 64, progress: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        """uint8 images (P * n, H, W, 3), prompt-major, and the rep values that guided them."""
+        """uint8 images (P * n, H, W, 3), prompt-major, and the rep values that guided them.
+
+        A gray model (model.image_channels=1) gives its one channel replicated to RGB, so that
+        every consumer (PNG files, grids, judges) sees the same layout."""
         if not self.cfg.has_gen:
             raise InferenceError("this model is a vlm: it does not generate images")
         self._check_prompts(prompts)
@@ -229,6 +232,7 @@ class Engine:
                 from .vae import decode
 
                 x = decode(self.vae, x)
+            x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
             images.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
             if r is not None:
                 reps.append(r.float().cpu().numpy() if r.dtype != torch.long else r.cpu().numpy())
@@ -243,7 +247,9 @@ class Engine:
     # ------------------------------------------------------------------ understanding
 
     def _image_tensor(self, img) -> torch.Tensor:
-        s = self.cfg.image_size
+        """(C, s, s) in [-1, 1], C = the model's image channels: RGB is averaged for a gray model, gray replicated
+        for an RGB one."""
+        s, c = self.cfg.image_size, self.cfg.image_channels
         if isinstance(img, (str, Path)):
             try:
                 with Image.open(img) as im:
@@ -257,9 +263,13 @@ class Engine:
                 img = img.resize((s, s), Image.BICUBIC)
             img = np.asarray(img)
         arr = np.asarray(img)
-        if arr.shape != (s, s, 3):
-            raise InferenceError(f"image must be {s}x{s} RGB, got array of shape {arr.shape}")
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1
+        arr = arr[..., None] if arr.ndim == 2 else arr
+        if arr.shape[:2] != (s, s) or arr.ndim != 3 or arr.shape[2] not in (1, 3):
+            raise InferenceError(f"image must be {s}x{s} RGB or gray, got array of shape {arr.shape}")
+        x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float()
+        if x.shape[0] != c:
+            x = x.mean(0, keepdim=True) if c == 1 else x.expand(3, -1, -1)
+        return x / 127.5 - 1
 
     @torch.no_grad()
     def answer(self, images, questions: list[str], max_new_tokens: int = 40, temperature: float = 0.0,

@@ -6,7 +6,7 @@
 The data are the original IDX files of Debian's `dataset-fashion-mnist` package
 (/usr/share/datasets/fashion-mnist, gzipped or not; `data.fashion_root` moves it). Images
 are 28x28 grayscale, white clothing on black; they are padded to the model's canvas and
-replicated to RGB. Text comes from the class names: "a photo of a sneaker" for
+replicated to RGB, or kept gray with `data.channels=1` (a one-channel model). Text comes from the class names: "a photo of a sneaker" for
 generation, "what is this?" -> "sneaker" and "describe the image." -> "a photo of a
 sneaker" for understanding.
 
@@ -226,12 +226,13 @@ def sample(cfg, j: int, gen_fraction: float):
     rng = np.random.default_rng([cfg.seed, j, 1])
     imgs, labels = load_split("train", cfg.fashion_root)
     i = int(rng.integers(len(imgs)))
-    image, label = to_canvas(imgs[i], cfg.canvas), int(labels[i])
+    rgb = cfg.channels == 3
+    image, label = to_canvas(imgs[i], cfg.canvas, rgb), int(labels[i])
     if cfg.fashion_pairs > 0 and rng.random() < cfg.fashion_pairs:  # no extra draw when off: streams unchanged
         k = int(rng.integers(len(imgs)))
         while labels[k] == label:
             k = int(rng.integers(len(imgs)))
-        image, right = pair_canvas(imgs[i], imgs[k], cfg.canvas), int(labels[k])
+        image, right = pair_canvas(imgs[i], imgs[k], cfg.canvas, rgb), int(labels[k])
         if rng.random() < gen_fraction:
             drop_text, drop_rep = rng.random() < cfg.drop_text, rng.random() < cfg.drop_rep
             return Sample(True, image, "" if drop_text else pair_caption(label, right), "", drop_rep)

@@ -35,6 +35,7 @@ class DataConfig:
     fashion_root: str = "/usr/share/datasets/fashion-mnist"  # folder of the Fashion-MNIST IDX files
     fashion_pairs: float = 0.0  # Fashion-MNIST: share of two-item composites ("a bag to the left of a sandal")
     canvas: int = 32  # image side, pixels
+    channels: int = 3  # 3: RGB (Fashion-MNIST's gray replicated); 1: gray, Fashion-MNIST only (= model.image_channels)
     gen_fraction: float = 0.5  # share of generation samples in a batch (the vlm variant uses 0)
     prompt_fraction: float = 0.5  # share of generation captions written as ShapesEval-style prompts
     caption_fraction: float = 0.25  # share of understanding samples that ask for the full caption
@@ -55,7 +56,7 @@ class Layout:
 @dataclass
 class Sample:
     is_gen: bool
-    image: np.ndarray  # (H, W, 3) uint8
+    image: np.ndarray  # (H, W, C) uint8, C = DataConfig.channels
     prompt: str  # generation: the prompt ("" when dropped); understanding: the question
     answer: str  # understanding: the answer; generation: ""
     drop_rep: bool = False
