@@ -6,9 +6,9 @@
 The data are the original IDX files of Debian's `dataset-fashion-mnist` package
 (/usr/share/datasets/fashion-mnist, gzipped or not; `data.fashion_root` moves it). Images
 are 28x28 grayscale, white clothing on black; they are padded to the model's canvas and
-replicated to RGB, or kept gray with `data.channels=1` (a one-channel model). Text comes from the class names: "a photo of a sneaker" for
-generation, "what is this?" -> "sneaker" and "describe the image." -> "a photo of a
-sneaker" for understanding.
+replicated to RGB, or kept gray with `data.channels=1` (a one-channel model). Text comes
+from the class names: "a photo of a sneaker" for generation, "what is this?" -> "sneaker"
+and "describe the image." -> "a photo of a sneaker" for understanding.
 
 Two-item composites (`data.fashion_pairs`, the share of samples that are composites; 0 by
 default): two items of different classes, each shrunk to half the canvas side, side by
