@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from repforce import fashion, study
+from repforce import fashion, study, study_report
 from repforce.report import read_log
 from repforce.study_report import group, judging_noise, margin, verdict, write_results_md
 
@@ -153,7 +153,18 @@ def test_only_splits_the_study_between_workers(tmp_path, monkeypatch, capsys):
     assert main([*args, "--only", "pixel_s9"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("repforce: error: only=['pixel_s9']: not runs of the test study") and "pixel_rf_s0" in err
+    for bad, why in (("pixel_s0", "a run of the plan already"), ("pixl_s1", "not <run>_s<seed>"),
+                     ("pixel_sx", "not <run>_s<seed>"), ("pixel_s1", "pixel_s1 needs the study's vlm")):
+        assert main([*args, "--extra", bad]) == 2
+        assert why in capsys.readouterr().err
     assert not (runs / "test" / "vlm").exists()  # nothing trained by the refused commands
+    # another seed of a planned run, outside the plan: it trains alone, and the plan still counts its own runs
+    done = study.ablation("test", runs, results, progress=False, only=["vlm"], extra=["pixel_s1"])
+    assert [(r["name"], r["seed"], r["config"]["train"]["seed"]) for r in done] == [("pixel_s1", 1, 1)]
+    assert sorted(p.name for p in (runs / "test").iterdir()) == ["pixel_s1", "vae", "vlm"]
+    g = group(study_report.load_results(results / "test"), "shapeseval")
+    assert [r["name"] for r in g["pixel"]] == ["pixel_s1"]
+    assert study_report.progress(g, b)[-1].startswith("**In progress:** 0 of 6 variant runs recorded")
 
 
 def test_read_log_keeps_the_resumed_leg(tmp_path):

@@ -230,7 +230,7 @@ def cmd_study(args) -> None:
             _need_fashion()
         try:
             done = ablation(args.budget, args.runs, args.results, progress=not args.quiet, only=args.only,
-                            world=args.world)
+                            world=args.world, extra=args.extra)
         except StudyError as e:
             raise UserError(str(e)) from None
         print(f"{len(done)} variant runs recorded in {args.results}/{folder_name(args.budget, args.world)}")
@@ -408,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--results", default="docs/results", help="where the result JSONs go (checked in)")
     st.add_argument("--only", nargs="+", help="run only these runs (names as in the plan, or vlm / vae): for "
                     "workers side by side; the shared vlm and VAE must be named or already recorded")
+    st.add_argument("--extra", nargs="+", help="other seeds of planned runs, outside the plan (pixel_rf_K64_s1): "
+                    "recorded beside them and averaged into their rows; alone, they run nothing else")
     st.add_argument("--world", default="shapes", choices=("shapes", "fashion"), help="which world the study runs on")
     st.add_argument("--quiet", action="store_true")
     st.set_defaults(func=cmd_study)

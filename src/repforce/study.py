@@ -94,6 +94,19 @@ def plan(b: Budget) -> list[dict]:
     return runs
 
 
+def extra_run(name: str, runs: list[dict]) -> dict:
+    """Another seed of a planned run, outside the plan: `<run>_s<seed>` (pixel_rf_K64_s1, pixel_repa_s1). It is
+    recorded beside the plan's runs and averaged into its row."""
+    stem, _, seed = name.rpartition("_s")
+    stems = sorted({s["name"].rpartition("_s")[0] for s in runs})
+    base = next((s for s in runs if s["name"].rpartition("_s")[0] == stem), None)
+    if base is None or not seed.isdigit():
+        raise StudyError(f"extra={name!r}: not <run>_s<seed> for a run of the plan ({', '.join(stems)})")
+    if any(s["name"] == name for s in runs):
+        raise StudyError(f"extra={name!r}: a run of the plan already; name it with --only")
+    return {**base, "name": name, "seed": int(seed)}
+
+
 def curves(run: Path, points: int = 60) -> dict[str, list]:
     rows = read_log(run)
     keep = rows[:: max(1, len(rows) // points)]
@@ -173,7 +186,10 @@ def save_grid(image_rows: list[list[np.ndarray]], path: Path, width: int = 8) ->
 
 
 def ablation(budget: str = "quick", root: str | Path = "runs/study", results: str | Path = "docs/results",
-             progress: bool = True, only: list[str] | None = None, world: str = "shapes") -> list[dict]:
+             progress: bool = True, only: list[str] | None = None, world: str = "shapes",
+             extra: list[str] | None = None) -> list[dict]:
+    """Train and score the study's runs that are not recorded yet: all of them, or those named in `only` (planned
+    runs, vlm, vae) and `extra` (other seeds of planned runs, see extra_run)."""
     from .train import train
     from .vae import train_vae
 
@@ -185,16 +201,19 @@ def ablation(budget: str = "quick", root: str | Path = "runs/study", results: st
     results.mkdir(parents=True, exist_ok=True)
     vlm, vae = root / "vlm", root / "vae"
     runs = plan(b)
-    specs = [s for s in runs if not only or s["name"] in only]
-    if only:  # workers side by side: each names its runs, and the shared vlm / VAE are trained by one of them
+    extras = [extra_run(n, runs) for n in extra or []]
+    named = [*(only or []), *(s["name"] for s in extras)]
+    only = only or ([] if extras else None)  # extra runs alone train nothing else
+    specs = [s for s in runs if only is None or s["name"] in only] + extras
+    if only is not None:  # workers side by side: each names its runs, and the shared vlm / VAE are trained by one of them
         names = {"vlm", "vae", *(s["name"] for s in runs)}
         if unknown := [n for n in only if n not in names]:
             raise StudyError(f"only={unknown}: not runs of the {budget} study, which has {', '.join(sorted(names))}")
         for shared, users in (("vlm", specs), ("vae", [s for s in specs if s["variant"].startswith("vae")])):
             if users and shared not in only and not (results / f"{shared}.json").exists():
-                raise StudyError(f"only={only}: {users[0]['name']} needs the study's {shared}, which is not recorded "
+                raise StudyError(f"only={named}: {users[0]['name']} needs the study's {shared}, which is not recorded "
                                  f"yet; name {shared} too, or run it first with --only {shared}")
-    if not (results / "vlm.json").exists() and (not only or "vlm" in only):
+    if not (results / "vlm.json").exists() and (only is None or "vlm" in only):
         cfg = C.validate(C.override(C.preset(b.preset, "vlm"), [*b.overrides, *world_sets(world, b),
                                                                   f"train.steps={b.vlm_steps}",
                                                                   f"train.batch_size={b.batch_size}"]))
@@ -210,7 +229,7 @@ def ablation(budget: str = "quick", root: str | Path = "runs/study", results: st
                                                       "train_cpu_s": s["cpu_s"], "threads": s["threads"],
                                                       "steps": s["step"], "curves": curves(vlm),
                                                       "config": cfg.to_json(), "commit": git_commit()}, indent=1))
-    if not (results / "vae.json").exists() and (not only or "vae" in only):
+    if not (results / "vae.json").exists() and (only is None or "vae" in only):
         data = C.override(C.preset(b.preset, "pixel"), world_sets(world, b)).data  # the variants' world
         meta = train_vae(vae, steps=b.vae_steps, batch_size=b.batch_size, progress=progress, data=data)
         (results / "vae.json").write_text(json.dumps({"name": "vae", **meta, "commit": git_commit()}, indent=1))

@@ -173,7 +173,8 @@ def shapes_section(budget: str, folder: Path, rel: str) -> list[str]:
 
 def progress(g: dict[str, list[dict]], b) -> list[str]:
     """A line saying how many of the budget's variant runs are recorded, if not all."""
-    done, total = sum(len(v) for v in g.values()), len(plan(b))
+    planned = {s["name"] for s in plan(b)}  # extra seeds (study.extra_run) are not the plan's
+    done, total = sum(r["name"] in planned for v in g.values() for r in v), len(planned)
     if done >= total:
         return []
     return ["", f"**In progress:** {done} of {total} variant runs recorded; rerun the command to continue."]
