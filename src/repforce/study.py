@@ -3,13 +3,15 @@
     repforce study ablation --budget quick      # under 30 minutes on 2 CPU cores, wide error bars
     repforce study ablation --budget full       # hours; rerun the same command to continue
     repforce study ablation --budget quick --world fashion   # the same on Fashion-MNIST
+    repforce study ablation --budget full --extra pixel_rf_K64_s1   # another seed of a planned run
     repforce study report                       # rebuild docs/RESULTS.md from docs/results/*/*.json
 
 Protocol (DESIGN.md): one `vlm` run shared by every variant, one VAE for the `vae`
 variants (its cost reported apart), then every variant from the same vlm weights with
 the same data, steps and batch. The four main variants run with several seeds; REPA,
 continuous tokens and the codebook sweep with one, unless the budget seeds them too (the
-full budget runs pixel_cont at every seed). Each finished run writes
+full budget runs pixel_cont at every seed); `--extra` adds seeds to any of them outside the
+plan, averaged into its row of the tables. Each finished run writes
 docs/results/<name>.json (scores, curves, config, git commit, wall time); a rerun skips
 what is there, so the study survives being stopped at any point.
 

@@ -153,7 +153,7 @@ def shapes_section(budget: str, folder: Path, rel: str) -> list[str]:
                     b.vqa_n)
     sweep = {k: v for k, v in g.items() if k.startswith("pixel_rf K=")}
     if sweep:
-        rows = [(rs[0], "") for rs in sweep.values()] + [(r, " (default)") for r in g.get("pixel_rf", [])
+        rows = [(min(rs, key=lambda r: r["seed"]), "") for rs in sweep.values()] + [(r, " (default)") for r in g.get("pixel_rf", [])
                                                           if r["seed"] == 0]
         scores = [r["shapeseval"]["overall"] for r, _ in rows]
         n = len(CATEGORIES) * b.per_category * b.n
