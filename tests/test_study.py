@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from repforce import fashion, study, study_report
+from repforce import fashion, study
 from repforce.report import read_log
-from repforce.study_report import group, judging_noise, margin, verdict, write_results_md
+from repforce.study_report import group, judging_noise, load_results, margin, progress, verdict, write_results_md
 
 
 def test_tiny_study_is_resumable_and_reported(tmp_path, monkeypatch, capsys):
@@ -162,9 +162,9 @@ def test_only_splits_the_study_between_workers(tmp_path, monkeypatch, capsys):
     done = study.ablation("test", runs, results, progress=False, only=["vlm"], extra=["pixel_s1"])
     assert [(r["name"], r["seed"], r["config"]["train"]["seed"]) for r in done] == [("pixel_s1", 1, 1)]
     assert sorted(p.name for p in (runs / "test").iterdir()) == ["pixel_s1", "vae", "vlm"]
-    g = group(study_report.load_results(results / "test"), "shapeseval")
+    g = group(load_results(results / "test"), "shapeseval")
     assert [r["name"] for r in g["pixel"]] == ["pixel_s1"]
-    assert study_report.progress(g, b)[-1].startswith("**In progress:** 0 of 6 variant runs recorded")
+    assert progress(g, b)[-1].startswith("**In progress:** 0 of 6 variant runs recorded")
 
 
 def test_read_log_keeps_the_resumed_leg(tmp_path):

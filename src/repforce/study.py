@@ -100,13 +100,12 @@ def extra_run(name: str, runs: list[dict]) -> dict:
     """Another seed of a planned run, outside the plan: `<run>_s<seed>` (pixel_rf_K64_s1, pixel_repa_s1). It is
     recorded beside the plan's runs and averaged into its row."""
     stem, _, seed = name.rpartition("_s")
-    stems = sorted({s["name"].rpartition("_s")[0] for s in runs})
-    base = next((s for s in runs if s["name"].rpartition("_s")[0] == stem), None)
-    if base is None or not seed.isdigit():
-        raise StudyError(f"extra={name!r}: not <run>_s<seed> for a run of the plan ({', '.join(stems)})")
+    bases = {s["name"].rpartition("_s")[0]: s for s in runs}
+    if stem not in bases or not seed.isdigit():
+        raise StudyError(f"extra={name!r}: not <run>_s<seed> for a run of the plan ({', '.join(sorted(bases))})")
     if any(s["name"] == name for s in runs):
         raise StudyError(f"extra={name!r}: a run of the plan already; name it with --only")
-    return {**base, "name": name, "seed": int(seed)}
+    return {**bases[stem], "name": name, "seed": int(seed)}
 
 
 def curves(run: Path, points: int = 60) -> dict[str, list]:
