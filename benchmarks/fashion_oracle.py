@@ -32,11 +32,11 @@ import time
 import numpy as np
 import torch
 
-from repforce import fashion as fm
 from repforce.engine import GenOptions, load
 from repforce.quantizer import pool2x2
-from repforce.study import BUDGETS
+from repforce.study.ablation import BUDGETS
 from repforce.vae import decode
+from repforce.worlds import fashion as fm
 
 
 def pixels(eng, prompts: list[str], ids: torch.Tensor, seed: int, bs: int = 100) -> np.ndarray:

@@ -22,8 +22,8 @@ import json
 import time
 
 from repforce.engine import GenOptions, load
-from repforce.evaluate import fashion
-from repforce.study import BUDGETS, PER_PAIR
+from repforce.study.ablation import BUDGETS, PER_PAIR
+from repforce.study.evaluate import fashion
 
 
 def options(setting: str) -> GenOptions:

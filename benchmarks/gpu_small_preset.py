@@ -9,7 +9,7 @@ The model is `scale_small_s2` (Qwen3-0.6B + DINOv3 ViT-S/16 MoT, pixel_rf, 256 p
 with random weights: the benchmark never needs a download. Batches are synthetic but shaped
 like real ones (the trainer's batch contract, half generation and half understanding
 samples, captions of 20-60 words, Qwen3's vocabulary size), built before the clock starts.
-Each step is the trainer's step (distributed.build, local_batch-style loss divisors,
+Each step is the trainer's step (train.build_model, local_batch-style loss divisors,
 bf16 autocast, AdamW, clip, EMA encoder and weight EMA updates).
 
 MFU counts matmul FLOPs analytically, per step: backbone linears with one MoT expert per
@@ -32,11 +32,13 @@ import numpy as np
 import torch
 
 from repforce import config as C
-from repforce import distributed
-from repforce.rf import GEN, REP
-from repforce.sequence import Sample, collate
-from repforce.tokenizer import build_world_tokenizer
-from repforce.train import autocast, ema_update, layout_of, param_groups
+from repforce import runtime
+from repforce import train as T
+from repforce.data import build_world_tokenizer
+from repforce.presets import preset
+from repforce.runtime import autocast
+from repforce.sequence import GEN, REP, Layout, Sample, collate_samples
+from repforce.train import param_groups, update_weight_ema
 
 H200_BF16 = 989e12  # FLOP/s, dense
 WORDS = ("a red circle small large blue square green triangle photo of the cat dog sitting on under next to "
@@ -45,10 +47,10 @@ WORDS = ("a red circle small large blue square green triangle photo of the cat d
 
 def smoke_config() -> C.Config:
     """A tiny Qwen3-shaped backbone and a tiny DINOv3 tower at 32 px, on CPU in fp32."""
+    from repforce.presets import DINOV3_VITS16
     from repforce.pretrained import encoder_fields
-    from repforce.scale import DINOV3_VITS16
 
-    cfg = C.preset("scale_small_s2", "pixel_rf")
+    cfg = preset("scale_small_s2", "pixel_rf")
     vit = dict(DINOV3_VITS16, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                patch_size=8)
     model = replace(cfg.model, dim=64, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=32, ffn_hidden=96,
@@ -71,7 +73,7 @@ def synthetic_batches(cfg: C.Config, tok, n: int, seed: int = 0) -> list[dict]:
                 samples.append(Sample(True, img, words, "", drop_rep=bool(rng.random() < 0.1)))
             else:
                 samples.append(Sample(False, img, "describe the image.", words))
-        batch = collate(samples, tok, layout_of(cfg.model))
+        batch = collate_samples(samples, tok, Layout.for_model(cfg.model))
         keep = batch["is_gen"] & ~batch["drop_rep"]
         batch["noise_seed"] = torch.arange(b) + len(out) * b
         batch["norm_lm"] = (batch["text_targets"] != -100).sum().float()
@@ -114,15 +116,15 @@ def main():
     if args.smoke:
         cfg, args.steps, args.warmup = smoke_config(), 2, 0
     else:
-        cfg = C.preset("scale_small_s2", "pixel_rf")
+        cfg = preset("scale_small_s2", "pixel_rf")
         cfg = replace(cfg, train=replace(cfg.train, act_ckpt=args.act_ckpt, compile=args.compile))
     if args.batch_size:
         cfg = replace(cfg, train=replace(cfg.train, batch_size=args.batch_size))
-    dev = distributed.setup(cfg.train.device).device
+    dev = runtime.setup(cfg.train.device).device
     with tempfile.TemporaryDirectory() as d:
         tok = build_world_tokenizer(d, n_scenes=200)
     torch.manual_seed(0)
-    model, ema, _ = distributed.build(cfg, dev)
+    model, ema, _ = T.build_model(cfg, dev)
     model.train()
     fused = dev.type == "cuda"
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=cfg.optim.betas, fused=fused)
@@ -147,10 +149,10 @@ def main():
             out = model(batch)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
-        distributed.clip_grad_norm_(model.parameters(), cfg.optim.clip)
+        runtime.clip_grad_norm_(model.parameters(), cfg.optim.clip)
         opt.step()
         model.update_ema_encoder()
-        ema_update(ema, model, cfg.train.ema)
+        update_weight_ema(ema, model, cfg.train.ema)
         sync()
         dt = time.perf_counter() - t0
         losses.append(float(out["loss"].detach()))

@@ -19,9 +19,9 @@ import json
 import tempfile
 import time
 
-from repforce import shapeseval
 from repforce.engine import GenOptions, load
-from repforce.evaluate import write_shapeseval
+from repforce.study.evaluate import write_shapeseval
+from repforce.worlds import shapeseval
 
 
 def digest(images: dict) -> str:

@@ -26,10 +26,13 @@ import time
 import torch
 
 from repforce import config as C
-from repforce.rf import GEN, RFModel
-from repforce.sequence import ShapesStream
-from repforce.tokenizer import build_world_tokenizer
-from repforce.train import autocast, layout_of, param_groups
+from repforce.data import WorldStream as ShapesStream
+from repforce.data import build_world_tokenizer
+from repforce.model import RFModel
+from repforce.presets import preset
+from repforce.runtime import autocast
+from repforce.sequence import GEN, Layout
+from repforce.train import param_groups
 
 
 def repforce_step(model, opt, batch, precision):
@@ -68,14 +71,14 @@ def main():
 
     with tempfile.TemporaryDirectory() as d:
         tok = build_world_tokenizer(d)
-    cfg = C.preset(args.preset, "pixel")
+    cfg = preset(args.preset, "pixel")
     cfg = C.override(cfg, ["train.precision=fp32", f"model.vocab_size={len(tok)}", "data.gen_fraction=1.0",
                            f"train.batch_size={args.batch}"])
     c = cfg.model
     torch.manual_seed(0)
     ours = RFModel(c)
     ours_opt = torch.optim.AdamW(param_groups(ours, cfg), lr=1e-4, betas=(0.9, 0.95))
-    stream = ShapesStream(cfg.data, tok, layout_of(c))
+    stream = ShapesStream(cfg.data, tok, Layout.for_model(c))
     batches = [stream.batch(s, args.batch) for s in range(args.steps)]
     assert all(bool(b["is_gen"].all()) for b in batches), "generation-only batches expected"
 

@@ -31,11 +31,13 @@ import torch
 
 from repforce import checkpoint
 from repforce import config as C
-from repforce import world
+from repforce.config import DataConfig
+from repforce.data import sample_at
+from repforce.model import RFModel
+from repforce.presets import preset
 from repforce.quantizer import OnlineQuantizer, perplexity, pool2x2
-from repforce.rf import RFModel
-from repforce.sequence import DataConfig, sample_at
 from repforce.train import init_weights_from
+from repforce.worlds import shapes as world
 
 SETTINGS = {  # name: OnlineQuantizer keyword arguments over the defaults below
     "printed": dict(),  # the paper's printed step on the batch, random init, re-seed after 20 idle updates
@@ -86,10 +88,10 @@ def main():
     torch.manual_seed(0)
     run_cfg = json.loads((Path(args.vlm) / "config.json").read_text())
     trained = run_cfg["model"]["variant"] == "pixel_rf"
-    cfg = C.preset("shapes", "pixel_rf")
+    cfg = preset("shapes", "pixel_rf")
     model = RFModel(C.Config.from_json(run_cfg).model if trained else cfg.model)
     if trained:  # the run's own EMA encoder, feature center and quantizer, as they ended
-        state, _ = checkpoint.load(checkpoint.resolve(Path(args.vlm)))
+        state, _ = checkpoint.read(checkpoint.find(Path(args.vlm)))
         model.load_state_dict(state["model"])
     else:
         init_weights_from(model, args.vlm)

@@ -27,9 +27,10 @@ import time
 import torch
 
 from repforce import config as C
+from repforce.data import build_world_tokenizer
 from repforce.engine import Engine, GenOptions, load
-from repforce.rf import RFModel
-from repforce.tokenizer import build_world_tokenizer
+from repforce.model import RFModel
+from repforce.presets import preset
 
 PROMPT = "two small red circles and a large blue square"
 
@@ -61,7 +62,7 @@ def main():
     else:
         with tempfile.TemporaryDirectory() as d:
             tok = build_world_tokenizer(d)
-        cfg = C.override(C.preset(args.preset, args.variant), [f"model.vocab_size={len(tok)}"])
+        cfg = C.override(preset(args.preset, args.variant), [f"model.vocab_size={len(tok)}"])
         torch.manual_seed(0)
         eng = Engine(RFModel(cfg.model), tok)
     for repeat in args.prompt_repeat:

@@ -30,11 +30,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from train_throughput import matmul_peak, model_flops  # noqa: E402
 
 from repforce import config as C  # noqa: E402
-from repforce.rf import RFModel  # noqa: E402
-from repforce.study import BUDGETS  # noqa: E402
-from repforce.sequence import ShapesStream  # noqa: E402
-from repforce.tokenizer import build_world_tokenizer  # noqa: E402
-from repforce.train import autocast, layout_of, param_groups  # noqa: E402
+from repforce.data import WorldStream as ShapesStream  # noqa: E402
+from repforce.data import build_world_tokenizer  # noqa: E402
+from repforce.model import RFModel  # noqa: E402
+from repforce.runtime import autocast  # noqa: E402
+from repforce.sequence import Layout  # noqa: E402
+from repforce.study.ablation import BUDGETS  # noqa: E402
+from repforce.train import param_groups  # noqa: E402
 
 # model sizes beyond the presets: the shapes preset widened and deepened
 MODELS = {
@@ -50,9 +52,9 @@ def one(model_name: str, size: int, batch: int, steps: int, warmup: int) -> dict
     preset, sets = MODELS[model_name]
     with tempfile.TemporaryDirectory() as d:
         tok = build_world_tokenizer(d)
-    cfg = C.override(C.preset(preset, "pixel_rf"), sets + [f"model.vocab_size={len(tok)}", "train.precision=fp32"])
+    cfg = C.override(preset(preset, "pixel_rf"), sets + [f"model.vocab_size={len(tok)}", "train.precision=fp32"])
     m = replace(cfg.model, image_size=size, gen_size=size)  # same patches: (size / 4)^2 pixel tokens
-    stream = ShapesStream(cfg.data, tok, layout_of(m))  # renders 32 px, slots for `size`
+    stream = ShapesStream(cfg.data, tok, Layout.for_model(m))  # renders 32 px, slots for `size`
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     torch.manual_seed(0)
     model = RFModel(m)

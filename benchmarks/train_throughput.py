@@ -21,10 +21,13 @@ from dataclasses import replace
 import torch
 
 from repforce import config as C
-from repforce.rf import ENC, GEN, REP, RFModel
-from repforce.sequence import ShapesStream
-from repforce.tokenizer import build_world_tokenizer
-from repforce.train import autocast, layout_of, param_groups
+from repforce.data import WorldStream as ShapesStream
+from repforce.data import build_world_tokenizer
+from repforce.model import RFModel
+from repforce.presets import preset
+from repforce.runtime import autocast
+from repforce.sequence import GEN, REP, Layout
+from repforce.train import param_groups
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 1024, reps: int = 20) -> float:
@@ -75,7 +78,7 @@ def bench(cfg: C.Config, tok, steps: int, warmup: int, dense: bool = False) -> d
         cfg = replace(cfg, model=replace(cfg.model, variant="vlm"))
     model = RFModel(cfg.model)
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=1e-4, betas=(0.9, 0.95))
-    stream = ShapesStream(cfg.data, tok, layout_of(cfg.model))
+    stream = ShapesStream(cfg.data, tok, Layout.for_model(cfg.model))
     batches = [stream.batch(s, cfg.train.batch_size) for s in range(warmup + steps)]
     if dense:
         for b in batches:
@@ -139,7 +142,7 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         tok = build_world_tokenizer(d)
     for v in args.variants:
-        cfg = C.preset(args.preset, "pixel" if v == "dense" else v)
+        cfg = preset(args.preset, "pixel" if v == "dense" else v)
         cfg = C.override(cfg, [f"train.precision={args.precision}", f"model.vocab_size={len(tok)}"])
         r = bench(cfg, tok, args.steps, args.warmup, dense=(v == "dense"))
         peak = peak_bf16 if args.precision == "bf16" else peak_fp32

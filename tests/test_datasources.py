@@ -12,9 +12,11 @@ import torch
 from PIL import Image
 
 from repforce import config as C
-from repforce.datasources import DataError, MixConfig, MixStream, Plan, Source, load_image, permute
-from repforce.tokenizer import build_world_tokenizer
-from repforce.train import layout_of
+from repforce.config import MixConfig, Source
+from repforce.data import build_world_tokenizer
+from repforce.datasources import DataError, MixStream, Plan, load_image, permute
+from repforce.presets import preset
+from repforce.sequence import Layout
 
 
 def png(size=(40, 24), mode="RGB", color=(200, 30, 30)) -> bytes:
@@ -87,7 +89,7 @@ def data(tmp_path_factory):
 
 
 def mix_cfg(root, sources, variant="pixel_rf", **mix):
-    cfg = C.preset("tiny", variant)
+    cfg = preset("tiny", variant)
     cfg = replace(cfg, data=replace(cfg.data, world="mix"),
                   mix=MixConfig(sources=tuple(sources), workers=0, max_pixels=40_000, min_checked=20, **mix))
     return C.validate(cfg)
@@ -101,7 +103,7 @@ def all_sources(root):
 def test_mixture_batches_skip_bad_data_with_counts(data):
     root, tok = data
     cfg = mix_cfg(root, all_sources(root), max_skip_frac=0.9)
-    stream = MixStream(cfg, tok, layout_of(cfg.model))
+    stream = MixStream(cfg, tok, Layout.for_model(cfg.model))
     for step in range(8):
         b = stream.batch(step, 8)
         assert b["images"].shape == (8, 3, 32, 32) and b["images"].min() >= -1 and b["images"].max() <= 1
@@ -141,15 +143,15 @@ def test_each_broken_kind_is_named():
 def test_batches_are_pure_functions_of_step_and_rank(data):
     root, tok = data
     cfg = mix_cfg(root, all_sources(root), max_skip_frac=0.9)
-    a = MixStream(cfg, tok, layout_of(cfg.model))
+    a = MixStream(cfg, tok, Layout.for_model(cfg.model))
     for step in range(3):
         a.batch(step, 8)
     late = a.batch(3, 8)
-    fresh = MixStream(cfg, tok, layout_of(cfg.model)).batch(3, 8)  # a resumed run
+    fresh = MixStream(cfg, tok, Layout.for_model(cfg.model)).batch(3, 8)  # a resumed run
     assert torch.equal(late["images"], fresh["images"]) and torch.equal(late["tokens"], fresh["tokens"])
-    half = MixStream(cfg, tok, layout_of(cfg.model)).batch(3, 8, rank=1, world=2)
+    half = MixStream(cfg, tok, Layout.for_model(cfg.model)).batch(3, 8, rank=1, world=2)
     assert torch.equal(half["images"], late["images"][4:]) and torch.equal(half["is_gen"], late["is_gen"][4:])
-    workers = MixStream(replace(cfg, mix=replace(cfg.mix, workers=2)), tok, layout_of(cfg.model))
+    workers = MixStream(replace(cfg, mix=replace(cfg.mix, workers=2)), tok, Layout.for_model(cfg.model))
     for step in (2, 3):  # prefetching worker processes give the same batches
         got = workers.batch(step, 8)
     assert torch.equal(got["images"], late["images"]) and torch.equal(got["tokens"], late["tokens"])
@@ -159,13 +161,13 @@ def test_batches_are_pure_functions_of_step_and_rank(data):
 def test_too_many_bad_samples_stop_the_run(data):
     root, tok = data
     cfg = mix_cfg(root, [Source("wds", str(root / "wds"), 1.0, "gen")], max_skip_frac=0.05)  # 4 of 16 items bad
-    stream = MixStream(cfg, tok, layout_of(cfg.model))
+    stream = MixStream(cfg, tok, Layout.for_model(cfg.model))
     with pytest.raises(DataError, match="max_skip_frac"):
         for step in range(20):
             stream.batch(step, 8)
     only_bad = mix_cfg(root, [Source("wds", str(root / "wds" / "00002.tar"), 1.0, "gen")], max_skip_frac=0.99)
     with pytest.raises(DataError, match="were all bad"):
-        MixStream(only_bad, tok, layout_of(only_bad.model)).batch(0, 4)
+        MixStream(only_bad, tok, Layout.for_model(only_bad.model)).batch(0, 4)
 
 
 def test_config_names_bad_sources(data):

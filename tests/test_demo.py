@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from repforce.demo import demo
+from repforce.study.demo import demo
 from repforce.train import RunError
 
 

@@ -11,9 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from repforce import checkpoint, distributed
+from repforce import checkpoint, data
 from repforce import config as C
+from repforce.presets import preset
 from repforce.quantizer import balance_scores
+from repforce.sequence import Layout
 from repforce.train import train
 
 STEPS = ["--steps", "6", "--set", "train.log_every=1", "--set", "train.ckpt_every=3"]
@@ -42,7 +44,7 @@ def runs(tmp_path_factory):
     """The same 6 steps of `tiny` pixel_rf on 2 ranks (torchrun, FSDP2) and in one process."""
     root = tmp_path_factory.mktemp("dp")
     torchrun("--preset", "tiny", "--variant", "pixel_rf", "--out", str(root / "two"), *STEPS)
-    cfg = C.override(C.preset("tiny", "pixel_rf"), ["train.steps=6", "train.log_every=1", "train.ckpt_every=3"])
+    cfg = C.override(preset("tiny", "pixel_rf"), ["train.steps=6", "train.log_every=1", "train.ckpt_every=3"])
     train(cfg, root / "one", progress=False)
     return root
 
@@ -56,10 +58,10 @@ def test_two_ranks_give_the_losses_of_one_process(runs):
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (a["step"], k)
         assert a["rep_used"] == b["rep_used"]  # the codebook statistics span both ranks
     sharded = checkpoint.step_dirs(runs / "two" / "checkpoints")[-1]
-    assert distributed.is_dcp(sharded) and json.loads((sharded / "meta.json").read_text())["world_size"] == 2
+    assert checkpoint.is_sharded(sharded) and json.loads((sharded / "meta.json").read_text())["world_size"] == 2
     # the EMA export is the single-process EMA, under the same names
     ema_two = load_file(str(sharded / "model.safetensors"))
-    ema_one, _ = checkpoint.load(runs / "one")
+    ema_one, _ = checkpoint.read(runs / "one")
     assert set(ema_two) == set(ema_one["ema"])
     for k, v in ema_one["ema"].items():
         assert torch.allclose(ema_two[k], v, rtol=1e-4, atol=1e-6), k
@@ -89,7 +91,7 @@ def test_a_two_rank_save_resumes_on_one(runs, tmp_path):
 def test_scale_path_on_two_ranks(tmp_path):
     """Meta-device init, FSDP2, activation checkpointing, a pretrained Qwen3-MoE + DINOv3 and the LLM's
     tokenizer, on 2 ranks: the exported weights are the pretrained ones (lr ~ 0, 3 steps). One sample per
-    rank, so a rank often has no generation or no understanding sample: the uniform path (rf.py)."""
+    rank, so a rank often has no generation or no understanding sample: the uniform path (model.py)."""
     transformers = pytest.importorskip("transformers")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -128,17 +130,16 @@ def test_scale_path_on_two_ranks(tmp_path):
 
 
 def test_local_batch_counts_and_seeds():
-    from repforce.sequence import ShapesStream
-    from repforce.tokenizer import build_world_tokenizer
-    from repforce.train import layout_of
-
     import tempfile
 
-    cfg = C.preset("tiny", "pixel_rf")
+    from repforce.data import WorldStream as ShapesStream
+    from repforce.data import build_world_tokenizer
+
+    cfg = preset("tiny", "pixel_rf")
     with tempfile.TemporaryDirectory() as d:
         tok = build_world_tokenizer(d, n_scenes=50)
-    stream = ShapesStream(cfg.data, tok, layout_of(cfg.model))
-    b = distributed.local_batch(stream, 3, 8, seed=5, device=torch.device("cpu"))
+    stream = ShapesStream(cfg.data, tok, Layout.for_model(cfg.model))
+    b = data.local_batch(stream, 3, 8, seed=5, device=torch.device("cpu"))
     assert b["noise_seed"].tolist() == [5 * 1_000_003 + 24 + i for i in range(8)]
     assert float(b["norm_lm"]) == float((b["text_targets"] != -100).sum())
     assert float(b["norm_gen"]) == float(b["is_gen"].sum())
@@ -154,9 +155,9 @@ def test_global_balancing_equals_the_printed_softmax():
 
 def test_export_streams_a_valid_safetensors(tmp_path):
     m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
-    distributed.export_ema(m, tmp_path / "w.safetensors")
+    checkpoint.export_ema(m, tmp_path / "w.safetensors")
     back = load_file(str(tmp_path / "w.safetensors"))
     assert set(back) == set(m.state_dict())
     assert all(torch.equal(back[k], v) for k, v in m.state_dict().items())
-    distributed.export_ema(m, tmp_path / "h.safetensors", dtype=torch.bfloat16)
+    checkpoint.export_ema(m, tmp_path / "h.safetensors", dtype=torch.bfloat16)
     assert load_file(str(tmp_path / "h.safetensors"))["0.weight"].dtype == torch.bfloat16

@@ -5,6 +5,7 @@ from PIL import Image
 
 from repforce import config as C
 from repforce import engine as E
+from repforce.presets import preset
 from repforce.train import train
 
 
@@ -13,7 +14,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     out = {}
     for v in ("pixel_rf", "pixel", "pixel_cont", "vlm"):
-        cfg = C.override(C.preset("tiny", v), ["train.steps=4", "train.ckpt_every=100", "train.precision=fp32"])
+        cfg = C.override(preset("tiny", v), ["train.steps=4", "train.ckpt_every=100", "train.precision=fp32"])
         train(cfg, root / v, progress=False)
         out[v] = root / v
     return out

@@ -4,8 +4,9 @@ import struct
 import numpy as np
 import pytest
 
-from repforce import fashion as fm
-from repforce.sequence import DataConfig, sample_at
+from repforce.config import DataConfig
+from repforce.data import sample_at
+from repforce.worlds import fashion as fm
 
 HAVE = fm.available()
 needs_data = pytest.mark.skipif(not HAVE, reason="Fashion-MNIST IDX files absent: apt-get install dataset-fashion-mnist")
@@ -132,15 +133,16 @@ def test_judge_training_learns(tmp_path):
 
 def test_gray_needs_the_fashion_world_and_a_pixel_model():
     from repforce import config as C
+    from repforce.presets import preset
 
-    cfg = C.validate(C.override(C.preset("tiny", "pixel_rf"), ["data.world=fashion", "data.channels=1"]))
+    cfg = C.validate(C.override(preset("tiny", "pixel_rf"), ["data.world=fashion", "data.channels=1"]))
     assert cfg.model.image_channels == cfg.model.gen_channels == 1  # data.channels carries the model with it
     with pytest.raises(C.ConfigError, match="data.channels=1: gray images need data.world=fashion"):
-        C.validate(C.override(C.preset("tiny", "pixel"), ["data.channels=1"]))
+        C.validate(C.override(preset("tiny", "pixel"), ["data.channels=1"]))
     with pytest.raises(C.ConfigError, match="model.image_channels=1: must equal data.channels=3"):
-        C.validate(C.override(C.preset("tiny", "pixel"), ["model.image_channels=1", "model.gen_channels=1"]))
+        C.validate(C.override(preset("tiny", "pixel"), ["model.image_channels=1", "model.gen_channels=1"]))
     with pytest.raises(C.ConfigError, match="RGB VAE"):
-        C.validate(C.override(C.preset("tiny", "vae"), ["data.world=fashion", "data.channels=1", "train.vae=v"]))
+        C.validate(C.override(preset("tiny", "vae"), ["data.world=fashion", "data.channels=1", "train.vae=v"]))
 
 
 @needs_data
@@ -150,9 +152,10 @@ def test_gray_model_trains_generates_and_answers(tmp_path):
     import repforce
     from repforce import config as C
     from repforce.engine import GenOptions
+    from repforce.presets import preset
     from repforce.train import train
 
-    cfg = C.override(C.preset("tiny", "pixel_rf"), ["data.world=fashion", "data.channels=1", "data.fashion_pairs=0.5",
+    cfg = C.override(preset("tiny", "pixel_rf"), ["data.world=fashion", "data.channels=1", "data.fashion_pairs=0.5",
                                                    "train.steps=3", "train.batch_size=4"])
     samples = [sample_at(cfg.data, j) for j in range(20)]
     assert all(s.image.shape == (32, 32, 1) for s in samples)  # one-item and composite canvases alike

@@ -1,6 +1,7 @@
 import pytest
 
-from repforce import metrics, world
+from repforce.worlds import metrics
+from repforce.worlds import shapes as world
 
 
 def test_normalization():

@@ -1,163 +1,261 @@
-"""Backbone: Qwen3 parity, MoT routing, KV cache.  Run: pytest tests/test_model.py"""
-
-import re
+"""The RF model: attention mask on a built batch, cached inference pieces, stage init, a smoke run
+per variant.  Run: pytest tests/test_model.py"""
 
 import pytest
 import torch
+from conftest import V, tiny_model
 
-from repforce.model import Block, KVCache, RMSNorm, RoutedFFN, Transformer, apply_rope, causal_mask, rope_cos_sin
+from repforce import pretrained
+from repforce.config import VARIANTS, ModelConfig
+from repforce.model import RFModel, attention_mask
+from repforce.sequence import ENC, GEN, PAD, REP, TEXT
 
-TINY = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_hidden=48)
-
-
-def tiny_backbone(n_experts=3, seed=0):
-    torch.manual_seed(seed)
-    model = Transformer(**TINY, n_experts=n_experts)
-    model.init_weights()
-    with torch.no_grad():  # make norms non-trivial so their parity is tested too
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-    return model
+BOS, BOI, EOI, IMG_START, IMG_END, EOS = 1, 2, 3, 4, 5, 6  # special ids of the test vocabulary
+tiny = tiny_model
 
 
-def test_rmsnorm_formula():
-    norm = RMSNorm(8)
-    with torch.no_grad():
-        norm.weight.uniform_()
-    x = torch.randn(3, 8)
-    assert torch.allclose(norm(x), x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * norm.weight, atol=1e-6)
-
-
-def test_rope_is_relative():
-    """<rope(q, m), rope(k, n)> depends on m - n only."""
-    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
-
-    def dot(m, n):
-        cm, sm = rope_cos_sin(torch.tensor([[m]]), 16, 10000.0)
-        cn, sn = rope_cos_sin(torch.tensor([[n]]), 16, 10000.0)
-        return (apply_rope(q, cm, sm) * apply_rope(k, cn, sn)).sum()
-
-    assert torch.allclose(dot(5, 2), dot(13, 10), atol=1e-5)
-    assert not torch.allclose(dot(5, 2), dot(5, 3), atol=1e-3)
-
-
-def test_matches_huggingface_qwen3():
-    """Same weights by plain renaming (mlp.* -> mlp.experts.{e}.*) give the same hidden states as HF Qwen3Model."""
-    transformers = pytest.importorskip("transformers")
-    hf_cfg = transformers.Qwen3Config(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, rope_theta=10000.0, rms_norm_eps=1e-6, attn_implementation="eager")
-    torch.manual_seed(0)
-    hf = transformers.Qwen3Model(hf_cfg).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-    ours = Transformer(**TINY, n_experts=3)
-    mapped = {}
-    for name, tensor in hf.state_dict().items():
-        if ".mlp." in name:
-            for e in range(3):
-                mapped[re.sub(r"\.mlp\.", f".mlp.experts.{e}.", name)] = tensor
+def make_batch(cfg: ModelConfig, layout=("gen", "und", "gen", "und"), seed=0, drop_rep=None, prompt_lens=None):
+    """A batch to the contract of sequence.py: right-padded rows of generation / understanding samples."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda n: torch.randint(7, V, (n,), generator=g).tolist()  # noqa: E731
+    rows = []
+    for i, what in enumerate(layout):
+        if what == "gen":
+            n_prompt = prompt_lens[i] if prompt_lens else 2 + i
+            toks = [BOS, *rnd(n_prompt), BOI]
+            kinds = [TEXT] * len(toks)
+            m = cfg.n_rep if cfg.rep_slots else 0
+            toks += [0] * (m + cfg.n_gen) + [EOI]
+            kinds += [REP] * m + [GEN] * cfg.n_gen + [TEXT]
+            targets = [-100] * len(toks)
         else:
-            mapped[name] = tensor
-    ours.load_state_dict(mapped, strict=True)
+            question, answer = rnd(2), rnd(1 + i % 2)
+            toks = [BOS, IMG_START] + [0] * cfg.n_enc + [IMG_END] + question + answer + [EOS]
+            kinds = [TEXT, TEXT] + [ENC] * cfg.n_enc + [TEXT] * (2 + len(question) + len(answer))
+            targets = [-100] * len(toks)
+            first = len(toks) - len(answer) - 2  # the last question token predicts the first answer token
+            for j in range(first, len(toks) - 1):
+                targets[j] = toks[j + 1]
+        rows.append((toks, kinds, targets))
+    L = max(len(r[0]) for r in rows) + 2  # at least two pads everywhere
+    pad = lambda xs, v: xs + [v] * (L - len(xs))  # noqa: E731
+    B = len(layout)
+    images = torch.rand(B, 3, cfg.image_size, cfg.image_size, generator=g) * 2 - 1
+    is_gen = torch.tensor([w == "gen" for w in layout])
+    gen_x = images if cfg.variant.startswith("pixel") else torch.randn(
+        B, cfg.gen_channels, cfg.gen_size, cfg.gen_size, generator=g)
+    return {
+        "tokens": torch.tensor([pad(r[0], 0) for r in rows]),
+        "kind": torch.tensor([pad(r[1], PAD) for r in rows]),
+        "text_targets": torch.tensor([pad(r[2], -100) for r in rows]),
+        "images": images,
+        "gen_x": gen_x,
+        "is_gen": is_gen,
+        "drop_rep": torch.zeros(B, dtype=torch.bool) if drop_rep is None else torch.tensor(drop_rep),
+    }
 
-    ids = torch.randint(0, 64, (2, 11))
-    expected = hf(input_ids=ids).last_hidden_state
-    pos = torch.arange(11).expand(2, 11)
-    got = ours(ours.embed_tokens(ids), torch.randint(0, 3, (2, 11)), causal_mask(2, 11), pos)
-    assert torch.allclose(got, expected, atol=1e-5)
+
+def build(variant="pixel_rf", seed=0, **kw):
+    torch.manual_seed(seed)
+    return RFModel(tiny(variant, **kw))
 
 
-def test_mot_with_identical_experts_equals_dense_block():
-    torch.manual_seed(0)
-    dense = Block(32, 4, 2, 16, 48, n_experts=1, eps=1e-6, layer_idx=0)
-    mot = Block(32, 4, 2, 16, 48, n_experts=3, eps=1e-6, layer_idx=0)
+# ---------------------------------------------------------------- config
+
+
+def test_config_rejects_bad_values_naming_the_field():
+    with pytest.raises(ValueError, match="model.variant"):
+        tiny("pixel_rfx")
+    with pytest.raises(ValueError, match="model.image_size"):
+        tiny(image_size=18)
+    with pytest.raises(ValueError, match="model.gen_size"):
+        tiny("pixel", gen_size=8)
+    with pytest.raises(ValueError, match="model.encoder_ema"):
+        tiny(encoder_ema=1.5)
+    cfg = ModelConfig()  # the shapes-sized defaults
+    assert (cfg.n_enc, cfg.n_rep, cfg.n_gen) == (64, 16, 64)
+
+
+@pytest.mark.parametrize("decay", [0.9, 1.0])
+def test_target_encoder_follows_the_encoder_unless_frozen(decay):
+    model = build(encoder_ema=decay)
+    before = [p.clone() for p in model.ema_encoder.parameters()]
     with torch.no_grad():
-        for e in range(3):
-            mot.mlp.experts[e].load_state_dict(dense.mlp.experts[0].state_dict())
-        mot.self_attn.load_state_dict(dense.self_attn.state_dict())
-    x, ids = torch.randn(2, 9, 32), torch.randint(0, 3, (2, 9))
-    cos, sin = rope_cos_sin(torch.arange(9).expand(2, 9), 16, 10000.0)
-    mask = causal_mask(2, 9)
-    assert torch.allclose(mot(x, ids, cos, sin, mask), dense(x, torch.zeros_like(ids), cos, sin, mask), atol=1e-6)
+        for p in model.encoder.parameters():
+            p.add_(1.0)
+    model.update_ema_encoder()
+    moved = [not torch.equal(a, b) for a, b in zip(before, model.ema_encoder.parameters())]
+    assert all(moved) if decay < 1 else not any(moved)  # 1.0: stationary targets (the shapes preset)
 
 
-def test_routing_sends_each_token_to_its_expert():
+# ---------------------------------------------------------------- attention mask
+
+
+def test_mask_of_a_built_batch_forbids_exactly_what_it_must():
+    cfg = tiny()
+    batch = make_batch(cfg)
+    kind = batch["kind"]
+    B, L = kind.shape
+    pos = torch.arange(L).expand(B, L)
+    mask = attention_mask(kind, pos)[:, 0]  # (B, L, L)
+    for b in range(B):
+        k = kind[b].tolist()
+        valid = [j for j in range(L) if k[j] != PAD]
+        block = {what: [j for j in range(L) if k[j] == what] for what in (ENC, GEN)}
+        for i in range(L):
+            seen = set(mask[b, i].nonzero().flatten().tolist())
+            if k[i] in (TEXT, REP):  # causal: itself and everything valid before
+                expected = {j for j in valid if j <= i}
+            elif k[i] in (ENC, GEN):  # its whole block plus the causal prefix before the block
+                expected = set(block[k[i]]) | {j for j in valid if j < block[k[i]][0]}
+            else:  # padding: sees something (keeps SDPA finite), nobody sees it
+                assert seen
+                continue
+            assert seen == expected, (b, i, k[i])
+    # a pixel row never sees EOI; the encoder block never sees IMG_END after it
+    gen_row = batch["is_gen"].nonzero()[0, 0]
+    eoi = (batch["tokens"][gen_row] == EOI).nonzero()[0, 0]
+    assert not mask[gen_row, (kind[gen_row] == GEN).nonzero()[:, 0], eoi].any()
+
+
+def test_samples_and_padding_are_invisible_to_each_other():
+    model = build().eval()
+    batch = make_batch(model.cfg, layout=("und", "gen", "und"))
+    kind = batch["kind"]
+
+    def hidden(b):
+        torch.manual_seed(0)
+        h, aux = model.build_inputs(b)
+        return model.forward_hidden(h, kind, aux["positions"])
+
+    base = hidden(batch)
+    other = dict(batch, images=batch["images"].clone(), tokens=batch["tokens"].clone())
+    other["images"][2] = -other["images"][2]  # understanding sample 2: new image and question
+    other["tokens"][2, -6:] = torch.where(kind[2, -6:] == TEXT, 9, other["tokens"][2, -6:])
+    other["tokens"][kind == PAD] = 17  # junk in every pad slot
+    changed = hidden(other)
+    valid = kind != PAD
+    assert not torch.allclose(changed[2], base[2])
+    for b in (0, 1):
+        assert torch.allclose(changed[b][valid[b]], base[b][valid[b]], atol=1e-6)
+
+
+# ---------------------------------------------------------------- inference pieces
+
+
+@pytest.mark.parametrize("variant", ["pixel_rf", "pixel"])
+def test_cached_prefix_then_pixel_block_equals_full_forward(variant):
+    """Prefill text + rep, run the pixel block against the frozen cache (twice), compare with one full pass;
+    rep logits sampled step by step from the cache equal the full pass too."""
+    model = build(variant).eval()
+    batch = make_batch(model.cfg, layout=("gen", "gen"), prompt_lens=[3, 3])
+    kind = batch["kind"]
     torch.manual_seed(0)
-    ffn = RoutedFFN(16, 24, n_experts=3)
-    x, ids = torch.randn(3, 7, 16), torch.randint(0, 2, (3, 7))  # expert 2 gets nothing
-    y = ffn(x, ids)
-    ref = torch.stack([torch.stack([ffn.experts[ids[b, i]](x[b, i]) for i in range(7)]) for b in range(3)])
-    assert torch.allclose(y, ref, atol=1e-6)
-    y.sum().backward()
-    assert ffn.experts[2].gate_proj.weight.grad is None  # an idle expert is skipped entirely
-    assert ffn.experts[0].gate_proj.weight.grad is not None
-    ids[0, :3] = -1  # padding skips the FFN
-    y = ffn(x, ids)
-    assert torch.equal(y[0, :3], torch.zeros(3, 16)) and torch.allclose(y[1:], ref[1:], atol=1e-6)
+    h, aux = model.build_inputs(batch)
+    pos = aux["positions"]
+    full = model.forward_hidden(h, kind, pos)
+    gen_at = (kind[0] == GEN).nonzero()[:, 0]
+    P, N = int(gen_at[0]), len(gen_at)
+    L = kind.shape[1]
 
+    cache = model.new_kv_cache(2, L)
+    boi = 5  # BOS + 3 prompt tokens, BOI at index 4: prefill through BOI, then each rep token alone
+    out = [model.forward_hidden(h[:, :boi], kind[:, :boi], pos[:, :boi], kv_cache=cache)]
+    for i in range(boi, P):
+        out.append(model.forward_hidden(h[:, i:i + 1], kind[:, i:i + 1], pos[:, i:i + 1], kv_cache=cache))
+    prefix = torch.cat(out, 1)
+    assert torch.allclose(prefix, full[:, :P], atol=1e-5)
+    if variant == "pixel_rf":
+        rep = slice(boi - 1, P - 1)  # BOI .. r_{M-1} predict r_1 .. r_M
+        assert torch.allclose(model.rep_logits(prefix[:, rep]), model.rep_logits(full[:, rep]), atol=1e-5)
 
-def test_return_layer_and_bf16_autocast():
-    model = tiny_backbone()
-    ids = torch.randint(0, 64, (2, 6))
-    h, pos = model.embed_tokens(ids), torch.arange(6).expand(2, 6)
-    final, mid = model(h, torch.zeros_like(ids), causal_mask(2, 6), pos, return_layer=0)
-    ref_mid = model.layers[0](h, torch.zeros_like(ids), *rope_cos_sin(pos, 16, 10000.0), causal_mask(2, 6))
-    assert torch.allclose(mid, ref_mid) and final.shape == (2, 6, 32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(h, torch.randint(0, 3, (2, 6)), causal_mask(2, 6), pos)
-    assert torch.isfinite(out).all()
-
-
-def test_kv_cache_step_by_step_equals_full_forward():
-    model = tiny_backbone()
-    B, L, P = 2, 12, 5
-    h, ids = torch.randn(B, L, 32), torch.randint(0, 3, (B, L))
-    pos, kind = torch.arange(L).expand(B, L), torch.ones(B, L, dtype=torch.long)
-    full = model(h, ids, causal_mask(B, L), pos)
-
-    cache = KVCache(2, B, 2, 16, max_len=L)
-    # prefill P tokens, then one token at a time; each new query sees every cached key
-    out = [model(h[:, :P], ids[:, :P], causal_mask(B, P), pos[:, :P], kv_cache=cache)]
-    cache.commit(kind[:, :P], pos[:, :P])
-    for i in range(P, L):
-        mask = torch.ones(B, 1, 1, i + 1, dtype=torch.bool)
-        out.append(model(h[:, i:i + 1], ids[:, i:i + 1], mask, pos[:, i:i + 1], kv_cache=cache))
-        cache.commit(kind[:, i:i + 1], pos[:, i:i + 1])
-    assert cache.length == L
-    assert torch.allclose(torch.cat(out, 1), full, atol=1e-5)
-
-
-def test_kv_cache_frozen_prefix_block():
-    """A block of queries run against the cached prefix without commit, twice, sees the same prefix."""
-    model = tiny_backbone()
-    B, P, N = 2, 6, 4
-    L = P + N
-    h, ids, pos = torch.randn(B, L, 32), torch.randint(0, 3, (B, L)), torch.arange(L).expand(B, L)
-    mask = causal_mask(B, L).clone()
-    mask[:, :, P:, P:] = True  # the block is bidirectional inside, causal to the prefix
-    full = model(h, ids, mask, pos)
-
-    cache = KVCache(2, B, 2, 16, max_len=L)
-    model(h[:, :P], ids[:, :P], causal_mask(B, P), pos[:, :P], kv_cache=cache)
-    cache.commit(torch.ones(B, P, dtype=torch.long), pos[:, :P])
-    block_mask = torch.ones(B, 1, N, L, dtype=torch.bool)
-    other = model(torch.randn(B, N, 32), ids[:, P:], block_mask, pos[:, P:], kv_cache=cache)  # e.g. another ODE step
-    again = model(h[:, P:], ids[:, P:], block_mask, pos[:, P:], kv_cache=cache)
+    blk = slice(P, P + N)
+    z2 = torch.randn(2, 3, 16, 16)
+    h2 = model.embed_gen(z2, torch.full((2,), 0.3))  # another ODE step's input
+    model.forward_hidden(h2, kind[:, blk], pos[:, blk], kv_cache=cache, commit=False)
+    again = model.forward_hidden(h[:, blk], kind[:, blk], pos[:, blk], kv_cache=cache, commit=False)
     assert cache.length == P
-    assert not torch.allclose(other, again)
-    assert torch.allclose(again, full[:, P:], atol=1e-5)
-    with pytest.raises(ValueError, match="overflow"):
-        model(torch.randn(B, L, 32), ids, torch.ones(B, 1, L, P + L, dtype=torch.bool), pos, kv_cache=cache)
+    assert torch.allclose(model.gen_pred(again), model.gen_pred(full[:, blk]), atol=1e-5)
 
 
-def test_init_weights_scales():
-    model = tiny_backbone()
-    model.init_weights()
-    assert torch.equal(model.norm.weight, torch.ones(32))
-    std_q = model.layers[0].self_attn.q_proj.weight.std()
-    std_o = model.layers[0].self_attn.o_proj.weight.std()
-    assert 0.015 < std_q < 0.025 and std_o < std_q  # residual writers scaled down
+def test_embed_rep_drop_and_cells():
+    model = build()
+    ids = torch.randint(0, 16, (2, 4))
+    drop = torch.tensor([False, True])
+    x = model.embed_rep(ids, drop=drop)
+    assert torch.allclose(x[1], model.null_rep + model.rep_pos)  # M copies of one null embedding, positions kept
+    assert torch.allclose(model.embed_rep(ids[:, 2:3], start=2), model.embed_rep(ids)[:, 2:3])  # one step of decoding
+
+
+# ---------------------------------------------------------------- stages and gradients
+
+
+def test_init_from_vlm_copies_the_understanding_expert():
+    vlm = build("vlm", seed=1)
+    model = build("pixel_rf", seed=2)
+    report = pretrained.init_from_vlm(model, {"_orig_mod." + k: v for k, v in vlm.state_dict().items()})
+    sd, vsd = model.state_dict(), vlm.state_dict()
+    for e in range(3):
+        assert torch.equal(sd[f"backbone.layers.1.mlp.experts.{e}.down_proj.weight"],
+                           vsd["backbone.layers.1.mlp.experts.0.down_proj.weight"])
+    for name in ("encoder.blocks.0.qkv.weight", "connector.fc1.weight", "backbone.embed_tokens.weight",
+                 "lm_head.weight"):
+        assert torch.equal(sd[name], vsd[name]) and name in report["loaded"]
+    assert torch.equal(sd["ema_encoder.blocks.0.qkv.weight"], vsd["encoder.blocks.0.qkv.weight"])
+    assert {"gen_embed.weight", "rep_embed.weight", "quantizer.prototypes"} <= set(report["fresh"])
+    assert "backbone.layers.0.mlp.experts.2.up_proj.weight" in report["copied"]
+
+
+@pytest.mark.parametrize("variant", ["pixel_rf", "pixel_cont", "pixel_repa"])
+def test_encoder_is_trained_by_understanding_only(variant):
+    model = build(variant).train()
+    model(make_batch(model.cfg, layout=("gen", "gen")))["loss"].backward()
+    assert all(p.grad is None for p in model.encoder.parameters())
+    assert all(p.grad is None for p in model.ema_encoder.parameters())
+    model.zero_grad()
+    torch.nn.init.normal_(model.lm_head.weight, std=0.02)  # zero at init: no gradient would reach the encoder
+    model(make_batch(model.cfg, layout=("gen", "und")))["loss"].backward()
+    assert model.encoder.patch_embed.weight.grad.abs().sum() > 0
+
+
+def test_drop_rep_removes_the_rep_loss_of_that_sample():
+    model = build().eval()
+    batch = make_batch(model.cfg, layout=("gen", "gen"), drop_rep=[True, True])
+    out = model(batch)
+    assert out["loss_rep"] == 0 and out["loss_fm"] > 0
+
+
+# ---------------------------------------------------------------- smoke: every loss term falls
+
+
+def losses(model, batch):
+    model.eval()
+    torch.manual_seed(123)  # same noise, times and dropout for the before / after comparison
+    with torch.no_grad():
+        out = model(batch)
+    model.train()
+    return {k: v.item() for k, v in out.items() if k.startswith("loss")}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_smoke_every_loss_term_falls(variant):
+    model = build(variant, rep_momentum=0.9)
+    layout = ("und", "und") if variant == "vlm" else ("gen", "und", "gen", "und")
+    batch = make_batch(model.cfg, layout=layout, drop_rep=[False, False, True, False][:len(layout)])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, betas=(0.9, 0.95))
+    before = losses(model, batch)
+    for _ in range(40):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(batch)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        model.update_ema_encoder()
+    after = losses(model, batch)
+    assert set(before) == {"loss", "loss_lm"} | {
+        "pixel": {"loss_fm"}, "vae": {"loss_fm"}, "vlm": set(), "pixel_rf": {"loss_rep", "loss_fm"},
+        "vae_rf": {"loss_rep", "loss_fm"}, "pixel_repa": {"loss_fm", "loss_repa"},
+        "pixel_cont": {"loss_cont", "loss_fm"}}[variant]
+    for k in before:
+        assert after[k] < before[k], (k, before[k], after[k])

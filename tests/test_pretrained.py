@@ -9,8 +9,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from repforce import pretrained  # noqa: E402
-from repforce.model import causal_mask  # noqa: E402
-from repforce.rf import ModelConfig, RFModel  # noqa: E402
+from repforce.backbone import causal_mask  # noqa: E402
+from repforce.config import ModelConfig  # noqa: E402
+from repforce.model import RFModel  # noqa: E402
 from repforce.tokenizer import load_tokenizer  # noqa: E402
 
 SMALL = dict(image_size=16, enc_patch=4, enc_dim=16, enc_layers=1, enc_heads=2, gen_size=16, gen_patch=4,
@@ -65,7 +66,7 @@ def repforce_from(folder, **over):
     fields = pretrained.llm_fields(folder) | {"vocab_size": pretrained.vocab_size(folder, tok)}
     cfg = ModelConfig(variant="pixel_rf", **(SMALL | fields | over))
     model = RFModel(cfg).eval()
-    report = pretrained.load(model, llm=folder)
+    report = pretrained.load_hf(model, llm=folder)
     return model, tok, report
 
 
@@ -119,7 +120,7 @@ def test_bad_folders_say_why(tmp_path):
     fields = pretrained.llm_fields(tmp_path / "q") | {"vocab_size": len(tok) + 10, "dim": 64, "head_dim": 16}
     model = RFModel(ModelConfig(**(SMALL | fields)))
     with pytest.raises(pretrained.PretrainedError, match="shape"):
-        pretrained.load(model, llm=tmp_path / "q")
+        pretrained.load_hf(model, llm=tmp_path / "q")
 
 
 def images(n=2, side=16):
@@ -139,7 +140,7 @@ def test_dinov3_features_equal_huggingface(tmp_path):
     fields = pretrained.encoder_fields(tmp_path)
     assert fields["encoder"] == "dinov3" and fields["enc_mean"] == (0.4, 0.5, 0.6) and fields["enc_dim"] == 32
     model = RFModel(ModelConfig(**(SMALL | fields))).eval()
-    report = pretrained.load(model, vision=tmp_path)
+    report = pretrained.load_hf(model, vision=tmp_path)
     assert any(n.startswith("ema_encoder.") for n in report["loaded"])
     x = images()
     mean, std = torch.tensor([0.4, 0.5, 0.6]).view(1, 3, 1, 1), torch.tensor([0.2, 0.3, 0.25]).view(1, 3, 1, 1)
@@ -174,7 +175,7 @@ def test_siglip2_features_equal_huggingface(tmp_path, full):
     fields = pretrained.encoder_fields(tmp_path)
     assert fields["encoder"] == "siglip2" and fields["enc_mean"] == (0.5, 0.5, 0.5)  # SigLIP2's default
     model = RFModel(ModelConfig(**(SMALL | fields))).eval()
-    pretrained.load(model, vision=tmp_path)
+    pretrained.load_hf(model, vision=tmp_path)
     x = images()
     from repforce.encoder import patchify
 
@@ -189,14 +190,14 @@ def test_siglip2_features_equal_huggingface(tmp_path, full):
 
 
 def test_vae_folder_geometry(tmp_path):
-    from repforce.vae import make_vae
+    from repforce.vae import load_vae, make_vae
 
     make_vae(latent_channels=4, widths=(16, 16, 16, 16), canvas=32).save_pretrained(str(tmp_path))  # 8x down
     geo = pretrained.vae_fields(tmp_path, image_size=256)
     assert geo == {"gen_channels": 4, "gen_size": 32, "gen_patch": 2}  # 16 x 16 latent tokens, as 16-px patches
     cfg = ModelConfig(variant="vae_rf", image_size=256, enc_patch=16, **geo)
     assert cfg.n_gen == (256 // 16) ** 2
-    assert pretrained.load_vae(tmp_path).config.latent_channels == 4
+    assert load_vae(tmp_path).config.latent_channels == 4
 
 
 def test_missing_vae_names_the_folder_and_the_fix(tmp_path):

@@ -4,7 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from repforce.quantizer import OnlineQuantizer, assign, balance_scores, momentum_update, perplexity, pool2x2
+from repforce.quantizer import (
+    OnlineQuantizer,
+    assign,
+    balance_scores,
+    momentum_update,
+    perplexity,
+    pool2x2,
+)
 
 K, D = 32, 16
 

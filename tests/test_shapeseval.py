@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from repforce import shapeseval as se
-from repforce import world
+from repforce.worlds import shapes as world
+from repforce.worlds import shapeseval as se
 
 
 @pytest.fixture(scope="module")

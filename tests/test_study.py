@@ -7,9 +7,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from repforce import fashion, study
-from repforce.report import read_log
-from repforce.study_report import group, judging_noise, load_results, margin, progress, verdict, write_results_md
+from repforce.study import ablation as study
+from repforce.study.report import read_log
+from repforce.study.results import (
+    group,
+    judging_noise,
+    load_results,
+    margin,
+    progress,
+    verdict,
+    write_results_md,
+)
+from repforce.worlds import fashion
 
 
 def test_tiny_study_is_resumable_and_reported(tmp_path, monkeypatch, capsys):

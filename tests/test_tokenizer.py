@@ -3,12 +3,13 @@ import json
 import pytest
 
 from repforce import tokenizer as T
+from repforce.data import build_world_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tok")
-    T.build_world_tokenizer(d, n_scenes=500)
+    build_world_tokenizer(d, n_scenes=500)
     return d
 
 
@@ -25,7 +26,7 @@ def test_round_trip_and_reload(tok_dir):
 
 
 def test_deterministic(tmp_path, tok_dir):
-    T.build_world_tokenizer(tmp_path, n_scenes=500)
+    build_world_tokenizer(tmp_path, n_scenes=500)
     a = json.loads((tmp_path / "tokenizer.json").read_text())["model"]["vocab"]
     b = json.loads((tok_dir / "tokenizer.json").read_text())["model"]["vocab"]
     assert a == b

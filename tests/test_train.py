@@ -2,16 +2,15 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_run
 
 from repforce import checkpoint
 from repforce import config as C
 from repforce.cli import main
+from repforce.presets import preset
 from repforce.train import train
 
-
-def tiny(variant, **train_kw):
-    cfg = C.preset("tiny", variant)
-    return C.override(cfg, [f"train.{k}={v}" for k, v in train_kw.items()])
+tiny = tiny_run
 
 
 def losses(run):
@@ -20,7 +19,7 @@ def losses(run):
 
 @pytest.fixture(scope="module")
 def tiny_vae(tmp_path_factory):
-    from repforce.vae import train_vae
+    from repforce.train import train_vae
 
     d = tmp_path_factory.mktemp("vae")
     train_vae(d, steps=3, batch_size=4, progress=False)
@@ -29,18 +28,18 @@ def tiny_vae(tmp_path_factory):
 
 def test_bad_config_values_name_the_field():
     with pytest.raises(C.ConfigError, match="model.variant='pixl'"):
-        C.preset("tiny", "pixl")
+        preset("tiny", "pixl")
     with pytest.raises(C.ConfigError, match="train.steps=-1"):
         C.validate(tiny("pixel", steps=-1))
     with pytest.raises(C.ConfigError, match="image_size"):
-        C.override(C.preset("tiny", "pixel"), ["model.image_size=30"])
+        C.override(preset("tiny", "pixel"), ["model.image_size=30"])
     with pytest.raises(C.ConfigError, match="no field 'dimm'"):
-        C.override(C.preset("tiny", "pixel"), ["model.dimm=3"])
+        C.override(preset("tiny", "pixel"), ["model.dimm=3"])
     with pytest.raises(C.ConfigError, match="not a valid int"):
-        C.override(C.preset("tiny", "pixel"), ["model.dim=big"])
+        C.override(preset("tiny", "pixel"), ["model.dim=big"])
     with pytest.raises(C.ConfigError, match="train.vae"):
-        C.validate(C.preset("tiny", "vae"))
-    assert C.override(C.preset("tiny", "pixel"), ["optim.betas=0.9,0.99"]).optim.betas == (0.9, 0.99)
+        C.validate(preset("tiny", "vae"))
+    assert C.override(preset("tiny", "pixel"), ["optim.betas=0.9,0.99"]).optim.betas == (0.9, 0.99)
 
 
 def test_cli_rejects_before_work(tmp_path, capsys):
@@ -52,9 +51,9 @@ def test_cli_rejects_before_work(tmp_path, capsys):
 
 
 def test_config_round_trip():
-    cfg = C.preset("shapes", "vae_rf")
+    cfg = preset("shapes", "vae_rf")
     assert C.Config.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
-    assert cfg.model.n_gen == C.preset("shapes", "pixel").model.n_gen == 64  # latent tokens match pixel tokens
+    assert cfg.model.n_gen == preset("shapes", "pixel").model.n_gen == 64  # latent tokens match pixel tokens
 
 
 @pytest.mark.parametrize("variant", ["vlm", "pixel", "pixel_rf", "vae", "vae_rf", "pixel_repa", "pixel_cont"])
@@ -89,8 +88,8 @@ def test_resume_is_bit_for_bit(tmp_path):
     b = [r["loss"] for r in losses(halves)]
     assert len(a) == len(b) == 12
     assert a == b
-    sa, _ = checkpoint.load(straight)
-    sb, _ = checkpoint.load(halves)
+    sa, _ = checkpoint.read(straight)
+    sb, _ = checkpoint.read(halves)
     for k, v in sa["ema"].items():
         assert torch.equal(v, sb["ema"][k]), k
 
@@ -101,33 +100,35 @@ def test_sigterm_saves_the_step_and_resume_goes_on(tmp_path, monkeypatch, capsys
     import os
     import signal
 
-    from repforce import distributed
+    from repforce import train as T
 
     straight, stopped = tmp_path / "a", tmp_path / "b"
     sets = ["train.log_every=1", "train.ckpt_every=100"]  # no periodic checkpoint before the signal
     train(C.override(tiny("pixel_rf", steps=12), sets), straight, progress=False)
-    real = distributed.local_batch
+    real = T.local_batch
 
     def preempted(stream, step, *a, **k):
         if step == 7:
             os.kill(os.getpid(), signal.SIGTERM)  # arrives during step 8
         return real(stream, step, *a, **k)
 
-    monkeypatch.setattr(distributed, "local_batch", preempted)
+    monkeypatch.setattr(T, "local_batch", preempted)
     args = ["train", "--preset", "tiny", "--variant", "pixel_rf", "--steps", "12", "--out", str(stopped), "--quiet"]
     assert main([*args, *[a for s in sets for a in ("--set", s)]]) == 143
     err = capsys.readouterr().err
     assert "stopped by SIGTERM at step 8 of 12" in err and f"repforce train --out {stopped} --resume" in err
     assert [d.name for d in checkpoint.step_dirs(stopped / "checkpoints")] == ["step_00000008"]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after the run
-    monkeypatch.setattr(distributed, "local_batch", real)
+    monkeypatch.setattr(T, "local_batch", real)
     assert main(["train", "--out", str(stopped), "--resume", "--quiet"]) == 0
     assert [r["loss"] for r in losses(stopped)] == [r["loss"] for r in losses(straight)]
 
 
 def test_kill_during_save_keeps_previous(tmp_path, monkeypatch):
     root = tmp_path / "checkpoints"
-    checkpoint.save(root, 5, {"x": torch.ones(2), "step": 5}, {"a": 1})
+    model, ema = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    checkpoint.save(root, 5, model, ema, opt, {"a": 1})
     real = torch.save
 
     def dying(obj, f, *a, **k):
@@ -136,26 +137,26 @@ def test_kill_during_save_keeps_previous(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dying)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.save(root, 10, {"x": torch.zeros(2), "step": 10}, {"a": 2})
+        checkpoint.save(root, 10, model, ema, opt, {"a": 2})
     monkeypatch.setattr(torch, "save", real)
     assert [d.name for d in checkpoint.step_dirs(root)] == ["step_00000005"]
-    state, cfg = checkpoint.load(root)
+    state, cfg = checkpoint.read(root)
     assert state["step"] == 5 and cfg == {"a": 1}
-    checkpoint.save(root, 10, {"step": 10}, {}, keep=1)  # the next good save cleans the leftover
+    checkpoint.save(root, 10, model, ema, opt, {}, keep=1)  # the next good save cleans the leftover
     assert [d.name for d in root.iterdir()] == ["step_00000010"]
 
 
 def test_missing_and_broken_checkpoints(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="no such"):
-        checkpoint.load(tmp_path / "nope")
+        checkpoint.read(tmp_path / "nope")
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint in"):
-        checkpoint.load(tmp_path)
+        checkpoint.read(tmp_path)
     d = tmp_path / "checkpoints" / "step_00000001"
     d.mkdir(parents=True)
     (d / "state.pt").write_bytes(b"garbage")
     (d / "config.json").write_text("{}")
     with pytest.raises(checkpoint.CheckpointError, match="unreadable checkpoint"):
-        checkpoint.load(tmp_path)
+        checkpoint.read(tmp_path)
 
 
 def test_init_from_vlm_copies_experts(tmp_path):

@@ -1,17 +1,17 @@
-"""Step-folder checkpoints: written atomically, the last k kept, the newest found on resume.
+"""Checkpoints: step folders written atomically, the last k kept, resumed on any number of ranks.
 
-    save(run / "checkpoints", step, state, config_json, keep=3)
-    step, state = load_latest(run / "checkpoints")
+    path = save(run / "checkpoints", step, model, ema, opt, config_json, keep=3, extra={"clock": ...})
+    meta = restore(find(run), model, ema, opt)       # --resume: weights, optimizer and RNG back in place
+    state, config = read(run)                        # sampling and --init: the EMA weights (and the rest)
 
-A checkpoint is a folder `step_<step:08d>/` holding `state.pt` (model, EMA, optimizer,
-schedule, data position, RNG states: whatever the trainer puts in `state`), `model.safetensors`
-(the EMA weights alone, for sampling without torch.load of a pickle) and `config.json`.
+A checkpoint is a folder `step_<step:08d>/` holding `config.json`, `model.safetensors` (the
+EMA weights alone: sampling needs no pickle) and either
+- `state.pt` (one process): model, EMA, optimizer, step, RNG and whatever `extra` holds; or
+- `dcp/` + `meta.json` (a sharded run under torchrun): model, EMA and optimizer through
+  torch.distributed.checkpoint, sharded and resharded on load, so a run resumes on any
+  number of ranks, one included; meta.json holds step, world size, RNG and `extra`.
 It is written under a temporary name and renamed into place, so a kill during a save
 leaves every earlier checkpoint intact and no half-written folder that looks complete.
-
-A sharded run (torchrun, distributed.py) writes `dcp/` (torch.distributed.checkpoint) and
-`meta.json` instead of `state.pt`; `load` then gives the EMA weights of its
-`model.safetensors`, read lazily, under "ema" (enough for sampling and for --init).
 """
 
 from __future__ import annotations
@@ -19,10 +19,23 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
+import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
 from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from . import runtime
+from .pretrained import Weights, clean_name
 
 PREFIX = "step_"
 
@@ -41,32 +54,93 @@ def step_dirs(root: Path) -> list[Path]:
     return sorted(dirs, key=lambda d: int(d.name[len(PREFIX):]))
 
 
-def save(root: Path, step: int, state: dict, config: dict, weights: dict[str, torch.Tensor] | None = None,
-         keep: int = 3) -> Path:
+def is_sharded(step_dir: Path) -> bool:
+    return (Path(step_dir) / "dcp" / ".metadata").exists()
+
+
+def save(root: Path, step: int, model: nn.Module, ema: nn.Module, opt, config: dict, keep: int = 3,
+         extra: dict | None = None) -> Path:
+    """The step folder of `step` under root: sharded (DCP) under torchrun with more than one rank, else one
+    state.pt. Every rank calls it; rank 0 renames it into place and drops all but the newest `keep`."""
     root = Path(root)
+    if runtime.world_size() > 1:
+        return _save_sharded(root, step, model, ema, opt, config, keep, extra)
+    state = {"model": model.state_dict(), "ema": ema.state_dict(), "optim": opt.state_dict(), "step": step,
+             "rng": torch.get_rng_state(), **(extra or {})}
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".tmp_{PREFIX}{step:08d}_{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     torch.save(state, tmp / "state.pt")
-    if weights is not None:
-        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "model.safetensors"))
+    save_file({k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}, str(tmp / "model.safetensors"))
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
     for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in step_dirs(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    _publish(root, tmp, final, keep)
     for stale in root.glob(f".tmp_{PREFIX}*"):  # leftovers of killed saves
         shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
-def resolve(path: Path) -> Path:
+def _publish(root: Path, tmp: Path, final: Path, keep: int) -> None:
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in step_dirs(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _states(model, ema, opt):
+    msd, osd = get_state_dict(model, opt)
+    return {"model": msd, "ema": get_model_state_dict(ema), "optim": osd}
+
+
+def _save_sharded(root: Path, step: int, model, ema, opt, config: dict, keep: int, extra: dict | None) -> Path:
+    final, tmp = root / f"{PREFIX}{step:08d}", root / f".tmp_{PREFIX}{step:08d}"
+    if runtime.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    runtime.barrier()
+    dcp.save(_states(model, ema, opt), checkpoint_id=str(tmp / "dcp"))
+    export_ema(ema, tmp / "model.safetensors")
+    if runtime.is_main():
+        meta = {"step": step, "world_size": runtime.world_size(), "rng": torch.get_rng_state().tolist(),
+                **(extra or {})}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        _publish(root, tmp, final, keep)
+    runtime.barrier()
+    return final
+
+
+def restore(step_dir: Path, model: nn.Module, ema: nn.Module, opt) -> dict:
+    """Model, EMA, optimizer and RNG from a step folder of either kind, in place; returns the rest of
+    its state (step and `extra`). A sharded one loads on any number of ranks; a single-process one
+    only in a single process (start a sharded run from it with --init)."""
+    step_dir = Path(step_dir)
+    if is_sharded(step_dir):
+        state = _states(model, ema, opt)
+        with warnings.catch_warnings():  # one process reading a sharded checkpoint is intended here
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+            dcp.load(state, checkpoint_id=str(step_dir / "dcp"))
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_model_state_dict(ema, state["ema"])
+        meta = json.loads((step_dir / "meta.json").read_text())
+        torch.set_rng_state(torch.tensor(meta.pop("rng"), dtype=torch.uint8))
+        return meta
+    if runtime.world_size() > 1:
+        raise CheckpointError(f"{step_dir} is a single-process checkpoint; start a sharded run from it with --init")
+    state, _ = read(step_dir)
+    model.load_state_dict(state.pop("model"))
+    ema.load_state_dict(state.pop("ema"))
+    opt.load_state_dict(state.pop("optim"))
+    torch.set_rng_state(state.pop("rng"))
+    return state
+
+
+def find(path: Path) -> Path:
     """A checkpoint folder from a run folder, a checkpoints folder or a step folder."""
     path = Path(path)
     if not path.exists():
@@ -80,12 +154,11 @@ def resolve(path: Path) -> Path:
     raise CheckpointError(f"no checkpoint in {path} (expected checkpoints/{PREFIX}NNNNNNNN/state.pt)")
 
 
-def load(path: Path) -> tuple[dict, dict]:
-    """(state, config) of the checkpoint at or under `path`."""
-    d = resolve(path)
+def read(path: Path) -> tuple[dict, dict]:
+    """(state, config) of the checkpoint at or under `path`, for sampling and --init: a single-process
+    checkpoint's whole state, or a sharded one's EMA export under "ema" (read tensor by tensor)."""
+    d = find(path)
     if not (d / "state.pt").exists():  # a sharded checkpoint: its EMA export, read tensor by tensor
-        from .pretrained import Weights
-
         try:
             meta = json.loads((d / "meta.json").read_text())
             return {"ema": Weights(d, "model.safetensors"), "step": meta["step"]}, json.loads(
@@ -98,3 +171,35 @@ def load(path: Path) -> tuple[dict, dict]:
     except Exception as e:  # a truncated or foreign file: say which
         raise CheckpointError(f"unreadable checkpoint {d}: {type(e).__name__}: {e}") from None
     return state, config
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
+
+
+def export_ema(ema: nn.Module, path: Path, dtype: torch.dtype | None = None) -> None:
+    """The EMA weights as one safetensors file, streamed: rank 0 holds one gathered tensor at a time.
+
+    Keys are the plain parameter and persistent-buffer names (wrappers stripped), as RFModel's
+    state_dict, so `engine.load` and `--init` read it like a single-process checkpoint."""
+    entries = [(clean_name(n), t) for n, t in ema.state_dict().items()]
+    header, offset = {}, 0
+    for name, t in entries:
+        dt = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
+        n = t.numel() * torch.empty(0, dtype=dt).element_size()
+        header[name] = {"dtype": _ST_DTYPES[dt], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    f = None
+    if runtime.is_main():
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        f = open(path, "wb")
+        f.write(struct.pack("<Q", len(text)) + text)
+    for name, t in entries:
+        full = t.full_tensor() if hasattr(t, "full_tensor") else t  # a collective for sharded tensors
+        if f is not None:
+            full = full.detach().to("cpu", dtype if (dtype is not None and full.is_floating_point()) else full.dtype)
+            f.write(full.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # reshape: 0-dim buffers too
+    if f is not None:
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()

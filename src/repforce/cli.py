@@ -16,22 +16,35 @@ import sys
 import textwrap
 from pathlib import Path
 
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from . import engine as E  # noqa: E402
+from .config import ConfigError, override, validate  # noqa: E402
+from .engine import GenOptions  # noqa: E402
+from .presets import preset  # noqa: E402
+from .runtime import is_main  # noqa: E402
+from .study.ablation import BUDGETS, StudyError, ablation, folder_name  # noqa: E402
+from .study.demo import demo  # noqa: E402
+from .study.evaluate import captions, fashion, vqa, write_shapeseval  # noqa: E402
+from .study.report import loss_figure  # noqa: E402
+from .study.results import write_results_md  # noqa: E402
+from .train import RunError, load_run_config, train, train_vae  # noqa: E402
+from .worlds import fashion as fm  # noqa: E402
+from .worlds import shapes, shapeseval  # noqa: E402
+
 
 class UserError(Exception):
     """Bad input from the user: printed as one line, no traceback."""
 
 
 def cmd_world_preview(args) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from . import world
-
     if args.n < 1:
         raise UserError("--n must be at least 1")
-    scenes = world.scenes(args.split, args.start, args.n, args.canvas)
+    scenes = shapes.scenes(args.split, args.start, args.n, args.canvas)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cols = min(4, args.n)
@@ -40,27 +53,23 @@ def cmd_world_preview(args) -> None:
     for ax in axes.flat:
         ax.axis("off")
     for ax, scene in zip(axes.flat, scenes):
-        ax.imshow(world.render(scene), interpolation="nearest")
-        ax.set_title("\n".join(textwrap.wrap(world.caption(scene), 30)), fontsize=8)
+        ax.imshow(shapes.render(scene), interpolation="nearest")
+        ax.set_title("\n".join(textwrap.wrap(shapes.caption(scene), 30)), fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "preview.png", dpi=110)
     plt.close(fig)
-    records = [dict(scene.to_json(), caption=world.caption(scene),
-                    qa=[{"q": q, "a": a} for q, a in world.questions(scene)]) for scene in scenes]
+    records = [dict(scene.to_json(), caption=shapes.caption(scene),
+                    qa=[{"q": q, "a": a} for q, a in shapes.questions(scene)]) for scene in scenes]
     (out / "scenes.json").write_text(json.dumps(records, indent=1))
     print(f"wrote {out / 'preview.png'} and {out / 'scenes.json'} ({args.n} {args.split} scenes, {args.canvas}px)")
 
 
 def cmd_world_truth(args) -> None:
-    from . import shapeseval
-
     shapeseval.write_truth(Path(args.out), args.n, args.canvas)
     print(f"wrote ground-truth renders of {len(shapeseval.prompts())} prompts x {args.n} to {args.out}")
 
 
 def cmd_eval_shapes(args) -> None:
-    from . import shapeseval
-
     try:
         report = shapeseval.evaluate(Path(args.images), args.n, args.canvas, args.per_category)
     except (shapeseval.EvalError, ValueError) as e:
@@ -84,27 +93,22 @@ def cmd_eval_shapes(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from . import config as C
-    from . import train as T
-
     try:
         if args.resume:
-            cfg = T.load_run_config(Path(args.out))
+            cfg = load_run_config(Path(args.out))
         else:
-            cfg = C.preset(args.preset, args.variant)
+            cfg = preset(args.preset, args.variant)
         sets = list(args.set)
         for flag, key in (("steps", "train.steps"), ("batch_size", "train.batch_size"), ("seed", "train.seed"),
                           ("init", "train.init"), ("vae", "train.vae"), ("threads", "train.threads")):
             if getattr(args, flag) is not None:
                 sets.append(f"{key}={getattr(args, flag)}")
-        cfg = C.validate(C.override(cfg, sets))
+        cfg = validate(override(cfg, sets))
         if cfg.train.init and not Path(cfg.train.init).exists():
             raise UserError(f"--init: no such run folder: {cfg.train.init}")
-        summary = T.train(cfg, Path(args.out), resume=args.resume, progress=not args.quiet, minutes=args.minutes)
-    except (C.ConfigError, T.RunError, FileNotFoundError) as e:
+        summary = train(cfg, Path(args.out), resume=args.resume, progress=not args.quiet, minutes=args.minutes)
+    except (ConfigError, RunError, FileNotFoundError) as e:
         raise UserError(str(e)) from None
-    from .distributed import is_main
-
     if not is_main():
         return
     last = summary["last"]
@@ -114,8 +118,6 @@ def cmd_train(args) -> None:
 
 
 def cmd_train_vae(args) -> None:
-    from .vae import train_vae
-
     if args.steps < 1:
         raise UserError(f"--steps={args.steps}: must be >= 1")
     meta = train_vae(args.out, steps=args.steps, batch_size=args.batch_size, canvas=args.canvas, seed=args.seed,
@@ -126,8 +128,6 @@ def cmd_train_vae(args) -> None:
 
 def _need_fashion() -> None:
     """Stop with the loader's one-line message (it names the Debian package) if Fashion-MNIST is missing."""
-    from . import fashion as fm
-
     try:
         fm.load_split("train")
         fm.load_split("test")
@@ -136,8 +136,6 @@ def _need_fashion() -> None:
 
 
 def _engine(args):
-    from . import engine as E
-
     try:
         return E.load(args.ckpt, ema=not args.raw_weights)
     except E.InferenceError as e:
@@ -145,8 +143,6 @@ def _engine(args):
 
 
 def _gen_options(args):
-    from .engine import GenOptions
-
     interval = tuple(float(x) for x in args.interval.split(","))
     if len(interval) != 2:
         raise UserError(f"--interval={args.interval!r}: expected lo,hi")
@@ -155,11 +151,6 @@ def _gen_options(args):
 
 
 def cmd_generate(args) -> None:
-    from PIL import Image
-
-    from . import engine as E
-    from .evaluate import write_shapeseval
-
     if bool(args.prompt) == bool(args.prompts):
         raise UserError("give --prompt TEXT (repeatable) or --prompts shapeseval")
     if args.prompts and args.prompts != "shapeseval":
@@ -186,8 +177,6 @@ def cmd_generate(args) -> None:
 
 
 def cmd_answer(args) -> None:
-    from . import engine as E
-
     if not args.caption and not args.question:
         raise UserError("give --question TEXT or --caption")
     eng = _engine(args)
@@ -201,14 +190,10 @@ def cmd_answer(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from . import config as C
-    from .demo import demo
-    from .train import RunError
-
     try:
         s = demo(args.out, args.minutes, args.preset, args.seed, args.per_category, progress=not args.quiet,
                  overrides=args.set)
-    except (RunError, C.ConfigError) as e:
+    except (RunError, ConfigError) as e:
         raise UserError(str(e)) from None
     sc = s["shapeseval"]
     print(f"\ndemo done in {s['wall_s'] / 60:.1f} min (vlm {s['steps']['vlm']} steps, pixel_rf {s['steps']['pixel_rf']} steps)")
@@ -218,14 +203,9 @@ def cmd_demo(args) -> None:
 
 
 def cmd_study(args) -> None:
-    from .study import BUDGETS, StudyError, ablation
-    from .study_report import write_results_md
-
     if args.budget not in BUDGETS:
         raise UserError(f"--budget={args.budget!r}: must be one of {tuple(BUDGETS)}")
     if args.what == "ablation":
-        from .study import folder_name
-
         if args.world == "fashion":
             _need_fashion()
         try:
@@ -239,8 +219,6 @@ def cmd_study(args) -> None:
 
 
 def cmd_fashion_judge(args) -> None:
-    from . import fashion as fm
-
     out = args.out or (fm.PAIR_JUDGE_DIR if args.item else fm.JUDGE_DIR)
     try:
         meta = fm.train_judge(out, args.root, epochs=args.epochs, progress=not args.quiet, item=args.item)
@@ -251,8 +229,6 @@ def cmd_fashion_judge(args) -> None:
 
 
 def cmd_eval_vqa(args) -> None:
-    from .evaluate import captions, vqa
-
     eng = _engine(args)
     r = vqa(eng, args.n)
     print(f"VQA accuracy {r['accuracy']:.3f} on {r['n']} held-out questions: "
@@ -263,9 +239,6 @@ def cmd_eval_vqa(args) -> None:
 
 
 def cmd_eval_fashion(args) -> None:
-    from . import fashion as fm
-    from .evaluate import fashion
-
     eng = _engine(args)
     try:
         scores, _, _ = fashion(eng, args.n, seed=args.seed, vqa_n=args.vqa_n, root=args.root, n_pairs=args.pairs)
@@ -275,8 +248,6 @@ def cmd_eval_fashion(args) -> None:
 
 
 def cmd_plot(args) -> None:
-    from .report import loss_figure
-
     runs = {Path(r).name: Path(r) for r in args.runs}
     missing = [r for r in runs.values() if not (r / "log.jsonl").exists()]
     if missing:

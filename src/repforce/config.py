@@ -1,11 +1,12 @@
-"""Typed run configuration: one dataclass per component, presets as functions, dotted overrides.
+"""Every configuration of a run: one typed dataclass per component, composed into `Config`.
 
-    cfg = preset("shapes", variant="pixel_rf")
+    cfg = presets.preset("shapes", variant="pixel_rf")
     cfg = override(cfg, ["model.dim=128", "train.steps=500"])
     cfg.to_json()  # saved beside every run and checkpoint
 
-The model config is frozen: it identifies a checkpoint. Every bad value is reported as
-`<section>.<field>=<value>: <why>` before any work starts.
+Owns ModelConfig (frozen: it identifies a checkpoint), DataConfig, MixConfig, OptimConfig,
+TrainConfig, their validation, dotted overrides and JSON. Every bad value is reported as
+`<section>.<field>=<value>: <why>` before any work starts. Presets live in presets.py.
 """
 
 from __future__ import annotations
@@ -14,10 +15,184 @@ import dataclasses
 import json
 import typing
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
-from .datasources import MixConfig, Source
-from .rf import VARIANTS, ModelConfig
-from .sequence import DataConfig
+from .encoder import HF_ENCODERS
+from .flow import T_EPS, T_MEAN, T_STD
+from .quantizer import BALANCES, INITS, STATS
+
+VARIANTS = ("vlm", "pixel", "pixel_rf", "vae", "vae_rf", "pixel_repa", "pixel_cont")
+KINDS = ("wds", "hf", "jsonl")  # real-data source kinds (datasources.py)
+TASKS = ("gen", "und", "both")  # what a real-data source feeds
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    variant: str = "pixel_rf"  # one of VARIANTS
+    vocab_size: int = 512  # text vocabulary incl. special tokens; the tokenizer sets it
+    dim: int = 256  # backbone width D
+    n_layers: int = 6  # backbone blocks
+    n_heads: int = 4  # query heads
+    n_kv_heads: int = 2  # key/value heads (grouped-query attention)
+    head_dim: int = 64  # width per head
+    ffn_hidden: int = 704  # SwiGLU hidden width of each MoT expert (2.75 x dim)
+    norm_eps: float = 1e-6  # RMSNorm epsilon (Qwen3)
+    rope_theta: float = 10000.0  # RoPE base (Qwen3 uses 1e6 for long contexts)
+    tie_embeddings: bool = False  # lm_head shares embed_tokens' weight
+    moe_experts: int = 0  # routed experts per FFN expert (Qwen3-MoE num_experts); 0 = dense SwiGLU
+    moe_top_k: int = 0  # routed experts per token (num_experts_per_tok) when moe_experts > 0
+    moe_norm_topk: bool = True  # renormalize the top-k router weights (norm_topk_prob)
+    image_size: int = 32  # side of the square RGB image in pixels, values in [-1, 1]
+    image_channels: int = 3  # channels of `images`
+    encoder: str = "vit"  # "vit" (ours, random init) or a transformers tower: "dinov3", "siglip2"
+    enc_hf: str = ""  # JSON of the transformers vision config when encoder != "vit" (pretrained.py writes it)
+    enc_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # transformers towers: processor mean on [0, 1] pixels
+    enc_std: tuple[float, float, float] = (0.5, 0.5, 0.5)  # transformers towers: processor std on [0, 1] pixels
+    enc_dim: int = 192  # encoder width De
+    enc_layers: int = 4  # encoder blocks
+    enc_heads: int = 3  # encoder attention heads
+    enc_patch: int = 4  # encoder patch side in pixels
+    enc_mlp_ratio: float = 4.0  # encoder MLP hidden / width
+    encoder_ema: float = 0.999  # decay of the EMA encoder that gives rep / REPA targets, per update_ema_encoder();
+    # 1.0 keeps the targets' encoder as initialized (from the vlm stage): stationary targets
+    gen_channels: int = 3  # channels of the diffused tensor gen_x (3 pixels, 4 VAE latents)
+    gen_size: int = 32  # side of gen_x (32 pixels, 8 latents)
+    gen_patch: int = 4  # patch side of gen_x (4 pixels, 1 latents)
+    gen_head_hidden: int = 0  # pixel head: 0 = linear, else hidden width of a 2-layer MLP
+    rep_pool: int = 2  # rep cell = rep_pool x rep_pool encoder patches, average pooled
+    codebook_size: int = 256  # K rep ids (16,384 at scale)
+    rep_temperature: float = 0.5  # cosine / temperature before balancing
+    rep_momentum: float = 0.99  # prototype momentum m (0.9999 at scale)
+    rep_balance: str = "softmax"  # "softmax" (as printed), "sinkhorn" (SwAV) or "none"
+    rep_sinkhorn_iters: int = 1  # Sinkhorn iterations when rep_balance="sinkhorn"
+    rep_init: str = "random"  # prototypes: "random" unit vectors or "data" (features of the first batch)
+    rep_balance_stats: str = "batch"  # column sums of balancing: "batch" (as printed) or "running" (quantizer.py)
+    rep_dead_after: int = 100  # updates without assignment before a prototype is re-seeded; 0 = never
+    rep_center: bool = True  # subtract a running mean of the target features before cosines (quantizer.FeatureCenter)
+    rep_center_momentum: float = 0.99  # momentum of that running mean
+    t_mean: float = T_MEAN  # logit-normal location of train-time t
+    t_std: float = T_STD  # logit-normal scale of train-time t
+    t_eps: float = T_EPS  # floor of 1 - t in x -> v
+    repa_layer: int = 1  # pixel_repa: 0-based block whose output is aligned
+    repa_weight: float = 0.5  # pixel_repa: weight of the alignment loss (REPA's lambda)
+    cont_width: int = 256  # pixel_cont: flow head width
+    cont_depth: int = 2  # pixel_cont: flow head residual MLP blocks
+
+    def __post_init__(self):
+        def check(ok, field, msg):
+            if not ok:
+                raise ValueError(f"model.{field}={getattr(self, field)!r}: {msg}")
+        check(self.variant in VARIANTS, "variant", f"must be one of {VARIANTS}")
+        check(self.encoder in ("vit",) + HF_ENCODERS, "encoder", f"must be one of {('vit',) + HF_ENCODERS}")
+        if self.encoder != "vit":
+            hf = json.loads(self.enc_hf) if self.enc_hf else {}
+            check(bool(hf), "enc_hf", f"encoder={self.encoder!r} needs its transformers config (encoder_fields)")
+            patch = hf.get("patch_size", 16)
+            check(hf.get("hidden_size") == self.enc_dim, "enc_dim",
+                  f"must equal the tower's hidden_size={hf.get('hidden_size')}")
+            check((patch if isinstance(patch, int) else patch[0]) == self.enc_patch, "enc_patch",
+                  f"must equal the tower's patch_size={patch}")
+        check(self.moe_experts == 0 or 0 < self.moe_top_k <= self.moe_experts, "moe_top_k",
+              f"must be in [1, moe_experts={self.moe_experts}] for a MoE backbone")
+        check(self.n_heads % self.n_kv_heads == 0, "n_heads", f"must be a multiple of n_kv_heads={self.n_kv_heads}")
+        check(self.head_dim % 2 == 0, "head_dim", "must be even (RoPE)")
+        check(self.image_size % self.enc_patch == 0, "image_size", f"not divisible by enc_patch={self.enc_patch}")
+        check(self.enc_dim % self.enc_heads == 0, "enc_dim", f"not divisible by enc_heads={self.enc_heads}")
+        check((self.image_size // self.enc_patch) % self.rep_pool == 0, "rep_pool", "must divide the encoder grid")
+        check(self.gen_size % self.gen_patch == 0, "gen_size", f"not divisible by gen_patch={self.gen_patch}")
+        check(self.rep_balance in BALANCES, "rep_balance", f"must be one of {BALANCES}")
+        check(self.rep_init in INITS, "rep_init", f"must be one of {INITS}")
+        check(self.rep_balance_stats in STATS, "rep_balance_stats", f"must be one of {STATS}")
+        check(0 <= self.encoder_ema <= 1, "encoder_ema", "must be in [0, 1] (1 = frozen target encoder)")
+        check(0 <= self.repa_layer < self.n_layers, "repa_layer", f"must be in [0, n_layers={self.n_layers})")
+        if self.variant.startswith("pixel"):
+            check(self.gen_size == self.image_size, "gen_size", "pixel variants diffuse the image itself")
+            check(self.gen_channels == self.image_channels, "gen_channels", "pixel variants diffuse the image")
+
+    @property
+    def has_gen(self) -> bool:  # generation modules and L_FM
+        return self.variant != "vlm"
+
+    @property
+    def rep_ids(self) -> bool:  # discrete rep tokens: quantizer, id table, rep head, L_Rep
+        return self.variant in ("pixel_rf", "vae_rf")
+
+    @property
+    def rep_slots(self) -> bool:  # generation samples carry M rep slots
+        return self.rep_ids or self.variant == "pixel_cont"
+
+    @property
+    def needs_ema_encoder(self) -> bool:  # some target comes from the EMA encoder
+        return self.rep_slots or self.variant == "pixel_repa"
+
+    @property
+    def n_experts(self) -> int:
+        return 1 if self.variant == "vlm" else 3
+
+    @property
+    def n_enc(self) -> int:  # encoder tokens E per image
+        return (self.image_size // self.enc_patch) ** 2
+
+    @property
+    def n_rep(self) -> int:  # rep cells M per image
+        return self.n_enc // self.rep_pool ** 2
+
+    @property
+    def n_gen(self) -> int:  # gen tokens N per image
+        return (self.gen_size // self.gen_patch) ** 2
+
+    @property
+    def patch_values(self) -> int:  # P values per gen patch
+        return self.gen_patch ** 2 * self.gen_channels
+
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    world: str = "shapes"  # data source: "shapes" or "fashion" (Fashion-MNIST, see worlds/fashion.py)
+    fashion_root: str = "/usr/share/datasets/fashion-mnist"  # folder of the Fashion-MNIST IDX files
+    fashion_pairs: float = 0.0  # Fashion-MNIST: share of two-item composites ("a bag to the left of a sandal")
+    canvas: int = 32  # image side, pixels
+    channels: int = 3  # 3: RGB (Fashion-MNIST's gray replicated); 1: gray, Fashion-MNIST only (= model.image_channels)
+    gen_fraction: float = 0.5  # share of generation samples in a batch (the vlm variant uses 0)
+    prompt_fraction: float = 0.5  # share of generation captions written as ShapesEval-style prompts
+    caption_fraction: float = 0.25  # share of understanding samples that ask for the full caption
+    drop_text: float = 0.1  # probability of an empty prompt (guidance)
+    drop_rep: float = 0.1  # probability of a dropped rep sequence (guidance)
+    seed: int = 0  # data seed: which slice of the train stream a run sees
+
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # "wds" (tar shards), "hf" (a datasets.save_to_disk folder) or "jsonl" (a folder with index.jsonl)
+    path: str  # wds: folder of *.tar (or one .tar); hf: the saved folder; jsonl: folder or .jsonl file
+    weight: float = 1.0  # mixture weight, normalized over the sources
+    task: str = "both"  # "gen": captions -> generation; "und": conversations -> understanding; "both": captions to both
+
+
+@dataclass(frozen=True)
+class MixConfig:
+    sources: tuple[Source, ...] = ()  # the mixture (data.world="mix")
+    max_skip_frac: float = 0.05  # stop with an error when more than this share of read samples is bad
+    min_checked: int = 200  # samples read before the skip share is enforced
+    max_pixels: int = 50_000_000  # larger images are skipped as "giant" (decompression bombs)
+    max_text_tokens: int = 256  # captions / conversations are cut to this many tokens
+    workers: int = 2  # data-loader worker processes per rank (0 = load in the training process)
+    retries: int = 16  # replacement draws for a bad sample before the run stops
+
+
+def _check_mix(mix: MixConfig, need) -> None:
+    """Validate a mixture with need(ok, name, value, why) (validate)."""
+    need(len(mix.sources) > 0, "mix.sources", mix.sources, "data.world=mix needs at least one source")
+    for i, s in enumerate(mix.sources):
+        need(s.kind in KINDS, f"mix.sources[{i}].kind", s.kind, f"must be one of {KINDS}")
+        need(s.task in TASKS, f"mix.sources[{i}].task", s.task, f"must be one of {TASKS}")
+        need(s.weight > 0, f"mix.sources[{i}].weight", s.weight, "must be > 0")
+        need(Path(s.path).exists(), f"mix.sources[{i}].path", s.path, "does not exist")
+    need(0 <= mix.max_skip_frac < 1, "mix.max_skip_frac", mix.max_skip_frac, "must be in [0, 1)")
+    need(mix.workers >= 0, "mix.workers", mix.workers, "must be >= 0")
+
 
 
 @dataclass(frozen=True)
@@ -108,9 +283,7 @@ def validate(cfg: Config) -> Config:
         need(d.canvas in (32, 64), "data.canvas", d.canvas, "the worlds render 32 or 64")
         need(d.canvas == m.image_size, "data.canvas", d.canvas, f"must equal model.image_size={m.image_size}")
     else:
-        from .datasources import check_mix
-
-        check_mix(cfg.mix, need)
+        _check_mix(cfg.mix, need)
     need(d.channels in (1, 3), "data.channels", d.channels, "must be 3 (RGB) or 1 (gray)")
     need(d.channels == 3 or d.world == "fashion", "data.channels", d.channels,
          f"gray images need data.world=fashion (the {d.world} world is in color)")
@@ -143,49 +316,6 @@ def with_variant(cfg: Config, variant: str) -> Config:
         geo = dict(gen_channels=m.image_channels, gen_size=m.image_size, gen_patch=4 if m.gen_patch == 1 else m.gen_patch)
     data = replace(cfg.data, gen_fraction=0.0 if variant == "vlm" else (cfg.data.gen_fraction or 0.5))
     return replace(cfg, model=replace(m, variant=variant, **geo), data=data)
-
-
-# ----------------------------------------------------------------------------- presets
-
-
-def preset_tiny() -> Config:
-    """Seconds per step on a laptop CPU: for tests."""
-    model = ModelConfig(dim=64, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=32, ffn_hidden=128, enc_dim=48,
-                        enc_layers=1, enc_heads=2, codebook_size=32, cont_width=32, cont_depth=1, repa_layer=0,
-                        rep_dead_after=20)
-    return Config(model, DataConfig(), OptimConfig(lr=3e-3, warmup=5),
-                  TrainConfig(steps=40, batch_size=8, log_every=5, ckpt_every=20, ema=0.9))
-
-
-def preset_shapes() -> Config:
-    """The real small run of the shapes world: about 10M parameters (6M active per token), 32x32 images."""
-    model = ModelConfig(dim=256, n_layers=5, n_heads=4, n_kv_heads=2, head_dim=64, ffn_hidden=576, enc_dim=192,
-                        enc_layers=4, enc_heads=3, codebook_size=256, repa_layer=2,
-                        # stable, broad targets on a small batch of mostly empty canvases (quantizer.py docstring)
-                        rep_init="data", rep_balance_stats="running", rep_momentum=0.999, rep_dead_after=0,
-                        # targets from the stage-1 (vlm) encoder, frozen: with any EMA (0.999, 0.9999) this small,
-                        # still-learning encoder drifts, prototypes it leaves die, and codebook use narrows (findings.md)
-                        encoder_ema=1.0)
-    return Config(model, DataConfig(), OptimConfig(lr=1e-3, warmup=200), TrainConfig(steps=2000, batch_size=32))
-
-
-def _scale(name: str):
-    """A preset of scale.py (pretrained Qwen3 + DINOv3 recipes), imported on first use."""
-    def build() -> Config:
-        from . import scale
-
-        return getattr(scale, name)()
-    return build
-
-
-PRESETS = {"tiny": preset_tiny, "shapes": preset_shapes}
-PRESETS.update({f"{size}_s{n}": _scale(f"{size}_s{n}") for size in ("scale", "scale_small") for n in (1, 2, 3)})
-
-
-def preset(name: str, variant: str = "pixel_rf") -> Config:
-    if name not in PRESETS:
-        raise ConfigError(f"preset={name!r}: must be one of {tuple(PRESETS)}")
-    return with_variant(PRESETS[name](), variant)
 
 
 # ----------------------------------------------------------------------------- overrides

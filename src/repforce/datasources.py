@@ -40,51 +40,20 @@ import json
 import logging
 import tarfile
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .sequence import collate, rows
 
 log = logging.getLogger("repforce.data")
 
-KINDS = ("wds", "hf", "jsonl")
-TASKS = ("gen", "und", "both")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 TEXT_KEYS = ("caption", "text", "prompt", "txt")
 CAPTION_QUESTIONS = ("Describe the image.", "What is in this picture?", "Write a caption for this image.")
 PATTERN = 1000  # slots of the mixture pattern
-
-
-@dataclass(frozen=True)
-class Source:
-    kind: str  # "wds" (tar shards), "hf" (a datasets.save_to_disk folder) or "jsonl" (a folder with index.jsonl)
-    path: str  # wds: folder of *.tar (or one .tar); hf: the saved folder; jsonl: folder or .jsonl file
-    weight: float = 1.0  # mixture weight, normalized over the sources
-    task: str = "both"  # "gen": captions -> generation; "und": conversations -> understanding; "both": captions to both
-
-
-@dataclass(frozen=True)
-class MixConfig:
-    sources: tuple[Source, ...] = ()  # the mixture (data.world="mix")
-    max_skip_frac: float = 0.05  # stop with an error when more than this share of read samples is bad
-    min_checked: int = 200  # samples read before the skip share is enforced
-    max_pixels: int = 50_000_000  # larger images are skipped as "giant" (decompression bombs)
-    max_text_tokens: int = 256  # captions / conversations are cut to this many tokens
-    workers: int = 2  # data-loader worker processes per rank (0 = load in the training process)
-    retries: int = 16  # replacement draws for a bad sample before the run stops
-
-
-def check_mix(mix: MixConfig, need) -> None:
-    """Validate a mixture with need(ok, name, value, why) (config.validate)."""
-    need(len(mix.sources) > 0, "mix.sources", mix.sources, "data.world=mix needs at least one source")
-    for i, s in enumerate(mix.sources):
-        need(s.kind in KINDS, f"mix.sources[{i}].kind", s.kind, f"must be one of {KINDS}")
-        need(s.task in TASKS, f"mix.sources[{i}].task", s.task, f"must be one of {TASKS}")
-        need(s.weight > 0, f"mix.sources[{i}].weight", s.weight, "must be > 0")
-        need(Path(s.path).exists(), f"mix.sources[{i}].path", s.path, "does not exist")
-    need(0 <= mix.max_skip_frac < 1, "mix.max_skip_frac", mix.max_skip_frac, "must be in [0, 1)")
-    need(mix.workers >= 0, "mix.workers", mix.workers, "must be >= 0")
 
 
 class DataError(RuntimeError):
@@ -254,7 +223,7 @@ class HFSource:
     """A `datasets` folder written by save_to_disk; images decoded here, not by datasets."""
 
     def __init__(self, path: str):
-        import datasets
+        import datasets  # heavy (pyarrow): imported only for hf sources
 
         ds = datasets.load_from_disk(path)
         if isinstance(ds, datasets.DatasetDict):
@@ -329,8 +298,6 @@ OPEN = {"wds": WdsSource, "hf": HFSource, "jsonl": JsonlSource}
 
 def load_image(data: bytes, side: int, max_pixels: int, converted: Counter) -> np.ndarray:
     """Bytes -> (side, side, 3) uint8: checked, converted to RGB, resized and center-cropped."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
@@ -360,37 +327,6 @@ def load_image(data: bytes, side: int, max_pixels: int, converted: Counter) -> n
 
 
 # ----------------------------------------------------------------------------- samples and batches
-
-
-def _rows(tok, layout, is_gen: bool, text: str | None, turns, max_tokens: int):
-    """(tokens, kinds, targets) of one sample in the batch contract of sequence.py; conversations multi-turn:
-
-        generation     [BOS prompt BOI][M rep][N gen][EOI]
-        understanding  [BOS IMG_START][E enc][IMG_END] q1 a1 EOS q2 a2 EOS ...   (targets: answers + EOS)
-    """
-    from .sequence import ENC, GEN, REP, TEXT
-
-    if is_gen:
-        ids = [tok.bos_id, *tok.encode(text or "")[:max_tokens], tok.boi_id]
-        kinds = [TEXT] * len(ids) + [REP] * layout.n_rep + [GEN] * layout.n_gen + [TEXT]
-        ids = ids + [0] * (layout.n_rep + layout.n_gen) + [tok.eoi_id]
-        return ids, kinds, [-100] * len(ids)
-    ids = [tok.bos_id, tok.img_start_id] + [0] * layout.n_enc + [tok.img_end_id]
-    kinds = [TEXT, TEXT] + [ENC] * layout.n_enc + [TEXT]
-    own = [-100] * len(ids)  # own[i] = ids[i] where ids[i] is an answer token (a target), else -100
-    budget = max_tokens
-    for n, (q, a) in enumerate(turns):
-        q_ids, a_ids = tok.encode(q), tok.encode(a) + [tok.eos_id]
-        if len(q_ids) + len(a_ids) > budget:
-            if n:
-                break  # later turns that do not fit are dropped; the first one is cut to fit
-            q_ids = q_ids[:budget // 2]
-            a_ids = a_ids[:budget - len(q_ids)]
-        budget -= len(q_ids) + len(a_ids)
-        ids += q_ids + a_ids
-        kinds += [TEXT] * (len(q_ids) + len(a_ids))
-        own += [-100] * len(q_ids) + a_ids
-    return ids, kinds, own[1:] + [-100]  # position i predicts ids[i + 1]
 
 
 class MixDataset:
@@ -447,18 +383,8 @@ class MixDataset:
         first = step * batch_size + rank * b
         skips, converted, examples = Counter(), Counter(), {}
         samples = [self.sample(first + i, skips, converted, examples) for i in range(b)]
-        rows = [_rows(self.tok, self.layout, g, t, turns, self.mix.max_text_tokens) for g, _, t, turns, _ in samples]
-        length = -(-max(len(r[0]) for r in rows) // 8) * 8
-        tokens = torch.zeros(b, length, dtype=torch.long)
-        kind = torch.zeros(b, length, dtype=torch.long)
-        targets = torch.full((b, length), -100, dtype=torch.long)
-        for k, (ids, kinds, tgt) in enumerate(rows):
-            tokens[k, :len(ids)], kind[k, :len(ids)], targets[k, :len(ids)] = (
-                torch.tensor(ids), torch.tensor(kinds), torch.tensor(tgt))
-        tokens[kind != 1] = 0
-        images = torch.from_numpy(np.stack([s[1] for s in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1
-        out = {"tokens": tokens, "kind": kind, "text_targets": targets, "images": images, "gen_x": images,
-               "is_gen": torch.tensor([s[0] for s in samples]), "drop_rep": torch.tensor([s[4] for s in samples])}
+        r = [rows(self.tok, self.layout, g, t, turns, self.mix.max_text_tokens) for g, _, t, turns, _ in samples]
+        out = collate(r, np.stack([s[1] for s in samples]), [s[0] for s in samples], [s[4] for s in samples])
         return {"batch": out, "read": b + sum(skips.values()), "skips": skips, "converted": converted,
                 "examples": examples}
 
@@ -519,12 +445,3 @@ class MixStream:
         """Cumulative counts for log.jsonl: samples read, skipped per reason, images converted per mode."""
         return {"data_read": self.read, **{f"skip_{k}": v for k, v in sorted(self.skips.items())},
                 **{k: v for k, v in sorted(self.converted.items())}}
-
-
-def make_stream(cfg, tok, layout):
-    """The batch source of a run: the procedural worlds (sequence.ShapesStream) or the mixture."""
-    from .sequence import ShapesStream
-
-    if cfg.data.world != "mix":
-        return ShapesStream(cfg.data, tok, layout)
-    return MixStream(cfg, tok, layout)

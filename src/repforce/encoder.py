@@ -2,7 +2,7 @@
 
 The encoder reads images for understanding and, through an EMA copy, gives the
 representation targets. It returns two views of its last layer: the patch features
-BEFORE the final norm (what the representation targets quantize, DESIGN.md) and the
+BEFORE the final norm (what the representation targets quantize, docs/DESIGN.md) and the
 normed features (what the connector feeds to the backbone). `build_encoder(cfg)` picks
 our own ViT (`encoder="vit"`) or a transformers vision tower (`HFImageEncoder`) behind
 the same interface; pretrained.py fills the latter from a local folder.
@@ -10,6 +10,8 @@ the same interface; pretrained.py fills the latter from a local folder.
 Axes: B batch, C channels, H W image size, p patch, N = (H/p)(W/p) patches,
 P = p*p*C patch values, D encoder width, Dm backbone width.
 """
+
+import json
 
 import torch
 import torch.nn as nn
@@ -86,6 +88,10 @@ class ImageEncoder(nn.Module):
             x = block(x)
         return x, self.norm(x)
 
+    def layers(self) -> nn.ModuleList:
+        """The transformer blocks, for per-block FSDP and activation checkpointing."""
+        return self.blocks
+
 
 HF_ENCODERS = ("dinov3", "siglip2")
 
@@ -105,7 +111,7 @@ class HFImageEncoder(nn.Module):
 
     def __init__(self, kind: str, hf_config: dict, image_size: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
         super().__init__()
-        import transformers
+        import transformers  # heavy: only for a pretrained DINOv3 / SigLIP2 tower
 
         cfg = {k: v for k, v in hf_config.items() if k not in ("architectures", "transformers_version", "model_type")}
         if kind == "dinov3":
@@ -162,8 +168,6 @@ def build_encoder(cfg) -> nn.Module:
     if cfg.encoder == "vit":
         return ImageEncoder(cfg.image_size, cfg.enc_patch, cfg.image_channels, cfg.enc_dim, cfg.enc_layers,
                             cfg.enc_heads, cfg.enc_mlp_ratio)
-    import json
-
     return HFImageEncoder(cfg.encoder, json.loads(cfg.enc_hf), cfg.image_size, cfg.enc_mean, cfg.enc_std)
 
 

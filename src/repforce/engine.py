@@ -4,7 +4,7 @@
     images = model.generate(["two red circles"], n=4)   # PIL images
     model.answer([img], ["what color is the circle?"])
 
-Generation follows DESIGN.md "Sampling":
+Generation follows docs/DESIGN.md "Sampling":
 1. the prompts are left-padded, so every row's prefix ends in the same column, and
    prefilled into a KVCache, together with their text-dropped twins (empty prompt);
 2. the M rep tokens are sampled one cached step at a time, logits guided against the
@@ -29,11 +29,21 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from . import checkpoint, flow
+from . import checkpoint, flow, runtime
 from .config import Config
-from .rf import ENC, GEN, PAD, REP, TEXT, RFModel
-from .sequence import Layout, gen_prefix, und_prefix
+from .model import RFModel
+from .sequence import (
+    CAPTION_QUESTION,
+    ENC,
+    GEN,
+    REP,
+    TEXT,
+    Layout,
+    gen_prefix,
+    und_prefix,
+)
 from .tokenizer import load_tokenizer
+from .vae import decode, load_vae
 
 
 class InferenceError(Exception):
@@ -68,6 +78,19 @@ def _left_pad(rows: list[list[int]], kinds: list[list[int]]) -> tuple[torch.Tens
     return tokens, kind, pos
 
 
+def sample_token(logits: torch.Tensor, temperature: float, top_k: int, gen: torch.Generator) -> torch.Tensor:
+    """One id per row of logits (B, V): greedy at temperature 0, else sampled at that temperature
+    from the top_k most likely (0 = all). The one sampler of text answers and rep tokens."""
+    logits = logits.float()
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
+
+
 class Engine:
     """A model, its tokenizer and (vae variants) its VAE, ready to sample."""
 
@@ -75,16 +98,13 @@ class Engine:
         self.model, self.tok, self.vae = model.eval(), tok, vae
         self.cfg = model.cfg
         self.device = torch.device(device)
-        self.precision = precision
-        c = self.cfg
-        self.layout = Layout(c.n_enc, c.n_rep if c.rep_slots else 0, c.n_gen)
+        self.precision = runtime.choose_precision(precision, self.device)[0]
+        self.layout = Layout.for_model(self.cfg)
         self.max_len = 512
         self.null_prompt = ""  # the text-dropped branch's prompt (training drops text to the empty prompt)
 
     def _autocast(self):
-        from .train import autocast
-
-        return autocast(self.precision, self.device)
+        return runtime.autocast(self.precision, self.device)
 
     # ------------------------------------------------------------------ generation
 
@@ -105,16 +125,6 @@ class Engine:
         cache = self.model.new_kv_cache(h.shape[0], h.shape[1] + extra, self.device)
         hidden = self.model.forward_hidden(h, kind, pos, kv_cache=cache)
         return cache, hidden
-
-    def _sample_ids(self, logits: torch.Tensor, o: GenOptions, gen: torch.Generator) -> torch.Tensor:
-        logits = logits.float()
-        if o.rep_temperature <= 0:
-            return logits.argmax(-1)
-        logits = logits / o.rep_temperature
-        if o.rep_top_k:
-            kth = logits.topk(min(o.rep_top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        return torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
 
     def sample_reps(self, prompts: list[str], o: GenOptions, gen: torch.Generator, progress: bool = False):
         """Rep values of each row: ids (B, M) or continuous features (B, M, De)."""
@@ -138,7 +148,7 @@ class Engine:
                 last = m.forward_hidden(m.embed_text(tokens), kind, pos)[:, -1]
             if c.rep_ids:
                 lc, lu = m.rep_logits(last).float().chunk(2)
-                v = self._sample_ids(flow.cfg(lu, lc, o.rep_cfg), o, gen)  # (B,)
+                v = sample_token(flow.cfg(lu, lc, o.rep_cfg), o.rep_temperature, o.rep_top_k, gen)  # (B,)
                 step_in = v.repeat(2)[:, None]  # (2B, 1)
             else:  # pixel_cont: a small ODE per token over the flow head
                 y0 = torch.randn(B, c.enc_dim, generator=gen, device=self.device)
@@ -229,8 +239,6 @@ class Engine:
                 r = self.sample_reps(chunk, o, gen, progress) if self.cfg.rep_slots else None
                 x = self.sample_pixels(chunk, r, o, gen, progress)
             if self.cfg.variant.startswith("vae"):
-                from .vae import decode
-
                 x = decode(self.vae, x)
             x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
             images.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
@@ -300,11 +308,7 @@ class Engine:
             last = hidden[:, -1]
             base = pos[:, -1:] + 1  # (B, 1): position of the first answer token
             for i in range(max_new_tokens):
-                logits = m.lm_logits(last).float()
-                if temperature > 0:
-                    nxt = torch.multinomial((logits / temperature).softmax(-1), 1, generator=gen)[:, 0]
-                else:
-                    nxt = logits.argmax(-1)
+                nxt = sample_token(m.lm_logits(last), temperature, 0, gen)
                 nxt = torch.where(done, tok.eos_id, nxt)
                 out = torch.cat([out, nxt[:, None]], 1)
                 done |= nxt == tok.eos_id
@@ -326,9 +330,7 @@ class Engine:
         return texts
 
     def caption(self, images, **kw) -> list[str]:
-        from .world import caption_question
-
-        return self.answer(images, [caption_question()] * len(images), **kw)
+        return self.answer(images, [CAPTION_QUESTION] * len(images), **kw)
 
 
 # ---------------------------------------------------------------------- loading
@@ -344,8 +346,8 @@ def _find_up(start: Path, name: str) -> Path | None:
 def load(path: str | Path, device: str = "cpu", ema: bool = True, precision: str = "auto") -> Engine:
     """An Engine from a run folder, its checkpoints folder or one step folder (EMA weights by default)."""
     try:
-        d = checkpoint.resolve(Path(path))
-        state, cfg_json = checkpoint.load(d)
+        d = checkpoint.find(Path(path))
+        state, cfg_json = checkpoint.read(d)
     except checkpoint.CheckpointError as e:
         raise InferenceError(str(e)) from None
     try:
@@ -362,8 +364,6 @@ def load(path: str | Path, device: str = "cpu", ema: bool = True, precision: str
         raise InferenceError(f"tokenizer in {tok_dir} has {len(tok)} tokens, the model {cfg.model.vocab_size}")
     vae = None
     if cfg.model.variant.startswith("vae"):
-        from .vae import load_vae
-
         vae_dir = Path(cfg.train.vae)
         if not vae_dir.is_absolute() and not vae_dir.exists():
             vae_dir = d.parent.parent.parent / cfg.train.vae

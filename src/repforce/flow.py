@@ -1,6 +1,6 @@
 """Flow matching: the time convention, the training loss and the ODE samplers.
 
-The convention lives here and nowhere else (DESIGN.md, "Flow matching in pixels"):
+The convention lives here and nowhere else (docs/DESIGN.md, "Flow matching in pixels"):
 
     z_t    = t * x + (1 - t) * e          x clean data, e ~ N(0, I), t in [0, 1], t = 1 is data
     v      = x - e                        the target velocity, dz_t/dt

@@ -1,334 +1,483 @@
-"""The backbone: a Qwen3 decoder block whose FFN is a Mixture-of-Transformers.
+"""The Representation Forcing model: encoder, MoT backbone, heads and losses, one code path for all variants.
 
-Reads primitives -> block -> backbone. The block is Qwen3's (RMSNorm, grouped-query
-attention with RMSNorm on q and k over head_dim before RoPE, SwiGLU) with parameter
-names as in Hugging Face `Qwen3Model`, so pretrained weights load by renaming
-`model.` -> `backbone.` and copying each `mlp.*` into every `mlp.experts.{e}.*`.
+One sequence per sample (docs/DESIGN.md section 2), right-padded to L:
 
-Mixture-of-Transformers (BAGEL): attention is shared by all tokens; the FFN is one of
-E experts chosen per token by an expert id (0 understanding: text and image-encoder
-tokens, 1 representation, 2 generation). Norms are NOT routed: one RMSNorm per place,
-as in Qwen3. It keeps the pretrained names 1:1 and the modality split lives where the
-parameters are (the FFN holds 2/3 of them); routing the norms would be a second
-`RoutedFFN`-style module around RMSNorm if ever wanted.
+    generation     [BOS prompt][BOI][r_1 .. r_M][p_1 .. p_N][EOI] pad
+    understanding  [BOS][IMG_START][e_1 .. e_E][IMG_END][question][answer][EOS] pad
 
-Expert id -1 marks a token that skips the FFN (padding: its output is never used).
+`kind` marks each position (PAD, TEXT, ENC, REP, GEN below). Text and rep are causal;
+the pixel block and the encoder block are bidirectional inside and see the whole
+prefix; padding is invisible. The rep head at the position just before each rep slot
+predicts that slot's id; the pixel head maps each pixel slot back to its patch
+(x-prediction, flow.py). Variants (`ModelConfig.variant`):
 
-A Qwen3-MoE backbone makes each MoT expert a `MoEFFN` (router + bank of routed SwiGLU
-experts), so a layer holds three banks, each starting as a copy of the LLM's one.
+    vlm         understanding only: L_LM; one FFN expert, no generation modules
+    pixel       + pixel flow matching: L_LM + L_FM
+    pixel_rf    + discrete rep tokens: L_LM + L_Rep + L_FM            (the method)
+    vae         as pixel, diffusing frozen-VAE latents (the trainer passes them as gen_x)
+    vae_rf      as pixel_rf on VAE latents
+    pixel_repa  pixel + REPA: L_LM + L_FM + w * (-cos(proj(h_mid), encoder features))
+    pixel_cont  rep slots hold continuous features, regressed by a per-token flow head:
+                L_LM + L_Cont + L_FM
 
-Axes: B batch, L query length, S key length (cache prefix + L), D model width,
-H query heads, Hk key/value heads, Dh head dim, F FFN hidden, E experts, N = B * L,
-R routed experts of a MoE bank, k experts per token.
+Axes: B batch, L length, D backbone width, G generation samples, U understanding
+samples, N gen tokens per image, M rep cells, E encoder tokens, De encoder width,
+P values per gen patch, K codebook size.
 """
+
+import copy
+import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# ---------------------------------------------------------------- primitives
+from . import flow
+from .backbone import KVCache, RoutedFFN, Transformer
+from .config import Config, ModelConfig
+from .encoder import Connector, build_encoder, ema_update, patchify, unpatchify
+from .quantizer import FeatureCenter, OnlineQuantizer, pool2x2
+from .sequence import ENC, GEN, PAD, REP
+
+KIND_TO_EXPERT = (-1, 0, 0, 1, 2)  # pad -> no FFN (backbone.py); text, encoder -> understanding; rep -> 1; gen -> 2
 
 
-class RMSNorm(nn.Module):
-    """Qwen3RMSNorm: x / rms(x) * weight, computed in fp32, returned in x's dtype."""
+def attention_mask(q_kind: torch.Tensor, q_pos: torch.Tensor, k_kind: torch.Tensor | None = None,
+                   k_pos: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean attention mask (B, 1, Lq, Lk), True = may attend, from kinds and positions.
 
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return (y * self.weight.float()).type_as(x)
-
-
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (B, 1, L, Dh) for integer positions (B, L), Hugging Face layout.
-
-    HF rotates the two halves of the head dim (rotate_half), so frequencies repeat:
-    cos = [cos(p f_0..f_{Dh/2-1}), cos(p f_0..f_{Dh/2-1})].
+    A query sees a key if the key is not padding and either comes no later (causal)
+    or both are ENC or both are GEN (the image blocks are bidirectional; each sample
+    holds one image, so one block per kind). Keys default to the queries (a full
+    forward); with a KVCache they are the cached prefix followed by the queries.
     """
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.float()[..., None] * inv_freq  # (B, L, Dh/2)
-    angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, L, Dh)
-    return angles.cos(), angles.sin()
+    if k_kind is None:
+        k_kind, k_pos = q_kind, q_pos
+    qk, qp = q_kind[:, :, None], q_pos[:, :, None]  # (B, Lq, 1)
+    kk, kp = k_kind[:, None, :], k_pos[:, None, :]  # (B, 1, Lk)
+    block = (qk == kk) & ((qk == ENC) | (qk == GEN))
+    allowed = (kk != PAD) & ((kp <= qp) | block)  # (B, Lq, Lk)
+    # a padding query with no visible key (left padding) looks at all keys: keeps SDPA finite, output unused
+    allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
+    return allowed[:, None]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, L, Dh) rotated by position, in fp32, returned in x's dtype."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)  # rotate_half
-    return (x.float() * cos + rotated * sin).type_as(x)
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features (B, dim) of t in [0, 1], scaled by 1000 so the frequencies match DiT's integer steps."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = 1000.0 * t.float()[:, None] * freqs  # (B, dim/2)
+    return torch.cat([args.cos(), args.sin()], dim=-1)
 
 
-class KVCache:
-    """Keys and values of a prefix, per layer, plus the kind and position of each cached slot.
+class TimestepEmbedder(nn.Module):
+    """DiT's timestep embedding: sinusoid then a SiLU MLP."""
 
-    One forward writes its new keys/values at [length, length + L) in every layer and
-    attends to [0, length + L). They join the prefix only on `commit`:
-
-        prefill:   forward(prompt, kv_cache=c);  c.commit(kind, pos)
-        one step:  forward(token,  kv_cache=c);  c.commit(kind, pos)
-        frozen:    forward(pixel block, kv_cache=c)   # no commit: the next call
-                   overwrites the same slots, the prefix stays as it was
-
-    The frozen form is the pixel stage of sampling: every ODE step runs the N pixel
-    tokens against the cached text + rep prefix, at the cost of N tokens. Storage is
-    allocated on first write, in the dtype of the keys (bf16 under autocast).
-    """
-
-    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int, device=None):
-        self.n_layers, self.batch, self.max_len = n_layers, batch, max_len
-        self.shape = (batch, n_kv_heads, max_len, head_dim)
-        self.device = device
-        self.k: list[torch.Tensor | None] = [None] * n_layers
-        self.v: list[torch.Tensor | None] = [None] * n_layers
-        self.kind = torch.zeros(batch, max_len, dtype=torch.long, device=device)  # (B, S_max)
-        self.pos = torch.zeros(batch, max_len, dtype=torch.long, device=device)  # (B, S_max)
-        self.length = 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, Hk, L, Dh) after the prefix; return prefix + new, (B, Hk, length + L, Dh)."""
-        end = self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KVCache overflow: {end} slots > max_len {self.max_len}")
-        if self.k[layer] is None:
-            self.k[layer] = k.new_zeros(self.shape)
-            self.v[layer] = v.new_zeros(self.shape)
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-    def keys_meta(self, kind: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Kind and position of every key a forward of (kind, pos) (B, L) attends to: (B, length + L)."""
-        return (torch.cat([self.kind[:, :self.length], kind], dim=1),
-                torch.cat([self.pos[:, :self.length], pos], dim=1))
-
-    def commit(self, kind: torch.Tensor, pos: torch.Tensor) -> None:
-        """Make the last forward's L slots part of the prefix."""
-        end = self.length + kind.shape[1]
-        self.kind[:, self.length:end] = kind
-        self.pos[:, self.length:end] = pos
-        self.length = end
-
-    def reset(self) -> None:
-        self.length = 0
-
-
-class Attention(nn.Module):
-    """Qwen3 attention: GQA, RMSNorm on q and k per head before RoPE, no biases."""
-
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, eps: float, layer_idx: int):
+    def __init__(self, dim: int, freq_dim: int = 256):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.layer_idx = layer_idx  # which KVCache slot this layer owns
-        self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
-        self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=False)
-        self.q_norm = RMSNorm(head_dim, eps)
-        self.k_norm = RMSNorm(head_dim, eps)
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
-    def forward(self, x, cos, sin, attn_mask, kv_cache: KVCache | None = None):
-        B, L, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, L, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, H, L, Dh)
-        k = self.k_norm(self.k_proj(x).view(B, L, self.n_kv_heads, self.head_dim)).transpose(1, 2)  # (B, Hk, L, Dh)
-        v = self.v_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hk, L, Dh)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, Hk, S, Dh)
-        # boolean mask (B, 1, L, S), True = may attend; enable_gqa shares each kv head across H/Hk query heads
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=self.n_heads != self.n_kv_heads)
-        return self.o_proj(y.transpose(1, 2).reshape(B, L, -1))  # (B, L, D)
+    def forward(self, t):  # (B,) -> (B, dim)
+        return self.mlp(timestep_embedding(t, self.freq_dim))
 
 
-class SwiGLU(nn.Module):
-    """Qwen3MLP: down(silu(gate(x)) * up(x))."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+def mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.SiLU(), nn.Linear(hidden, d_out))
 
 
-class Routing:
-    """Where each expert's tokens are in a flattened (N,) batch; computed once per forward, shared by all layers.
+class ContFlowHead(nn.Module):
+    """pixel_cont: a per-token MLP flow head (MAR-style) predicting a clean rep feature.
 
-    An expert id of -1 (padding) means no FFN at all: that token's FFN output is zero.
+    Input: the noisy feature z_t, t, and the backbone hidden c at the position before
+    the rep slot; output: x_pred of the feature. Conditioning is additive.
     """
 
-    def __init__(self, expert_ids: torch.Tensor, n_experts: int):
-        ids = expert_ids.reshape(-1)  # (N,)
-        ids = torch.where(ids < 0, n_experts, ids)  # skipped tokens sort last
-        counts = torch.bincount(ids, minlength=n_experts + 1).tolist()  # tokens per expert (one host sync)
-        self.counts = counts[:n_experts]
-        self.single = next((e for e, c in enumerate(self.counts) if c == ids.numel()), None)  # all in one expert?
-        if self.single is None:
-            self.order = torch.argsort(ids, stable=True)[:sum(self.counts)]  # (N_kept,) tokens grouped by expert
-
-
-class MoEFFN(nn.Module):
-    """Qwen3-MoE sparse FFN: a softmax router picks k of R routed SwiGLU experts per token.
-
-    Hugging Face semantics: p = softmax(gate(x)) in fp32, keep the top k, renormalize
-    them when `norm_topk`, y = sum_j p_j * expert_j(x). Weights are stacked per routed
-    expert, (R, F, D) and (R, D, F), so FSDP shards a bank along its expert axis and the
-    checkpoint's `experts.{j}.gate_proj.weight` is row j of `gate_proj`.
-    """
-
-    def __init__(self, dim: int, hidden: int, n_routed: int, top_k: int, norm_topk: bool = True):
+    def __init__(self, feat_dim: int, cond_dim: int, width: int, depth: int):
         super().__init__()
-        self.top_k, self.norm_topk = top_k, norm_topk
-        self.gate = nn.Linear(dim, n_routed, bias=False)  # the router
-        self.gate_proj = nn.Parameter(torch.empty(n_routed, hidden, dim))
-        self.up_proj = nn.Parameter(torch.empty(n_routed, hidden, dim))
-        self.down_proj = nn.Parameter(torch.empty(n_routed, dim, hidden))
+        self.in_proj = nn.Linear(feat_dim, width)
+        self.cond_proj = nn.Linear(cond_dim, width)
+        self.t_embed = TimestepEmbedder(width)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(width), mlp(width, 2 * width, width)) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, feat_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape, D = x.shape, x.shape[-1]
-        x = x.reshape(-1, D)  # (N, D)
-        p = torch.softmax(self.gate(x), dim=-1, dtype=torch.float32)  # (N, R)
-        w, idx = p.topk(self.top_k, dim=-1)  # (N, k)
-        if self.norm_topk:
-            w = w / w.sum(dim=-1, keepdim=True)
-        w = w.to(x.dtype)
-        # group the N * k (token, expert) pairs by expert, run each expert on its contiguous slice
-        order = torch.argsort(idx.reshape(-1), stable=True)  # (N k,)
-        counts = torch.bincount(idx.reshape(-1), minlength=self.gate_proj.shape[0]).tolist()  # one host sync
-        token = order // self.top_k  # (N k,) the token of each sorted pair
-        ys = []
-        for e, xe in enumerate(x.index_select(0, token).split(counts)):  # per-expert (n_e, D)
-            if xe.shape[0]:
-                h = F.silu(xe @ self.gate_proj[e].T) * (xe @ self.up_proj[e].T)  # (n_e, F)
-                ys.append(h @ self.down_proj[e].T)
-        if not ys:  # no token at all (FSDP's uniform mode): zero gradients instead of none
-            touch = self.gate_proj[:0].sum() + self.up_proj[:0].sum() + self.down_proj[:0].sum()
-            ys = [x.new_zeros(0, D) + touch.to(x.dtype)]
-        y = torch.cat(ys) * w.reshape(-1)[order, None]  # (N k, D) weighted
-        return x.new_zeros(x.shape).index_add_(0, token, y.to(x.dtype)).view(shape)
+    def forward(self, z, t, c):  # (n, De), (n,), (n, D) -> (n, De)
+        x = self.in_proj(z) + self.cond_proj(c) + self.t_embed(t)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.out(self.norm(x))
 
 
-class RoutedFFN(nn.Module):
-    """Mixture-of-Transformers FFN: `experts[e]` runs on exactly the tokens whose id is e.
+class RFModel(nn.Module):
+    """Encoder + connector + MoT backbone + heads. `forward(batch)` returns the losses; the
+    `embed_*`, head and `forward_hidden` methods are what an inference engine composes."""
 
-    Tokens are gathered per expert (one index_select), each expert runs on its
-    contiguous slice, and one index_copy puts them back, so the cost is that of a
-    single dense FFN over the non-padding tokens. An expert with no tokens is skipped
-    and gets no gradient, unless `uniform` is set: then every expert runs, on an empty
-    slice if need be, so every parameter gets a (zero) gradient on every rank, which
-    FSDP's reduce-scatter needs (distributed.py sets it).
-
-    Each expert is a dense SwiGLU, or with moe=(R, k, norm_topk) a `MoEFFN` bank.
-    """
-
-    def __init__(self, dim: int, hidden: int, n_experts: int, moe: tuple[int, int, bool] | None = None):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.uniform = False
-        make = (lambda: MoEFFN(dim, hidden, *moe)) if moe else (lambda: SwiGLU(dim, hidden))
-        self.experts = nn.ModuleList(make() for _ in range(n_experts))
-
-    def forward(self, x: torch.Tensor, routing: Routing | torch.Tensor) -> torch.Tensor:
-        if isinstance(routing, torch.Tensor):
-            routing = Routing(routing, len(self.experts))
-        if routing.single is not None and not self.uniform:
-            return self.experts[routing.single](x)
-        B, L, D = x.shape
-        if routing.single is not None:  # uniform mode: the others run on empty slices
-            order, counts = torch.arange(B * L, device=x.device), [B * L if e == routing.single else 0
-                                                                  for e in range(len(self.experts))]
-        else:
-            order, counts = routing.order, routing.counts
-        xs = x.reshape(B * L, D).index_select(0, order).split(counts)  # per-expert (N_e, D)
-        ys = [expert(xe) for expert, xe in zip(self.experts, xs) if xe.shape[0] > 0 or self.uniform]
-        ys = torch.cat(ys) if ys else x.new_zeros(0, D)  # (N_kept, D), grouped by expert
-        return ys.new_zeros(B * L, D).index_copy(0, order, ys).view(B, L, D)
-
-
-# ---------------------------------------------------------------- block
-
-
-class Block(nn.Module):
-    """Pre-norm Qwen3 decoder layer with a routed FFN."""
-
-    def __init__(self, dim, n_heads, n_kv_heads, head_dim, ffn_hidden, n_experts, eps, layer_idx, moe=None):
-        super().__init__()
-        self.input_layernorm = RMSNorm(dim, eps)
-        self.self_attn = Attention(dim, n_heads, n_kv_heads, head_dim, eps, layer_idx)
-        self.post_attention_layernorm = RMSNorm(dim, eps)
-        self.mlp = RoutedFFN(dim, ffn_hidden, n_experts, moe)
-
-    def forward(self, h, routing, cos, sin, attn_mask, kv_cache=None):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, attn_mask, kv_cache)
-        return h + self.mlp(self.post_attention_layernorm(h), routing)
-
-
-# ---------------------------------------------------------------- backbone
-
-
-class Transformer(nn.Module):
-    """Qwen3Model with MoT FFNs. Takes input embeddings, so callers mix token, image and rep inputs.
-
-    moe_experts > 0 makes it Qwen3-MoE: every FFN expert is a bank of moe_experts routed
-    experts of width ffn_hidden, moe_top_k per token (Qwen3-MoE's moe_intermediate_size,
-    num_experts, num_experts_per_tok, norm_topk_prob)."""
-
-    def __init__(self, vocab_size: int, dim: int, n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
-                 ffn_hidden: int, n_experts: int = 3, eps: float = 1e-6, rope_theta: float = 10000.0,
-                 moe_experts: int = 0, moe_top_k: int = 0, moe_norm_topk: bool = True):
-        super().__init__()
-        if n_heads % n_kv_heads:
-            raise ValueError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}")
-        self.n_layers, self.n_experts = n_layers, n_experts
-        self.n_kv_heads, self.head_dim, self.rope_theta = n_kv_heads, head_dim, rope_theta
-        self.embed_tokens = nn.Embedding(vocab_size, dim)
-        moe = (moe_experts, moe_top_k, moe_norm_topk) if moe_experts else None
-        self.layers = nn.ModuleList(
-            Block(dim, n_heads, n_kv_heads, head_dim, ffn_hidden, n_experts, eps, i, moe) for i in range(n_layers))
-        self.norm = RMSNorm(dim, eps)
+        self.cfg = cfg
+        D, De = cfg.dim, cfg.enc_dim
+        self.backbone = Transformer(cfg.vocab_size, D, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+                                    cfg.ffn_hidden, cfg.n_experts, cfg.norm_eps, cfg.rope_theta,
+                                    cfg.moe_experts, cfg.moe_top_k, cfg.moe_norm_topk)
+        self.lm_head = nn.Linear(D, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.backbone.embed_tokens.weight
+        self.encoder = build_encoder(cfg)
+        self.connector = Connector(De, D)
+        if cfg.needs_ema_encoder:
+            self.ema_encoder = copy.deepcopy(self.encoder).requires_grad_(False)  # updated by update_ema_encoder()
+            if cfg.rep_center:
+                self.feat_center = FeatureCenter(cfg.enc_dim, cfg.rep_center_momentum)
+        if cfg.has_gen:  # "gen" = pixels or VAE latents: the model only sees gen_x
+            self.gen_embed = nn.Linear(cfg.patch_values, D)
+            self.gen_pos = nn.Parameter(torch.zeros(cfg.n_gen, D))  # learned 2D position, one row per patch
+            self.t_embed = TimestepEmbedder(D)
+            h = cfg.gen_head_hidden
+            self.gen_head = mlp(D, h, cfg.patch_values) if h else nn.Linear(D, cfg.patch_values)
+        if cfg.rep_slots:
+            self.rep_pos = nn.Parameter(torch.zeros(cfg.n_rep, D))  # learned 2D position, one row per cell
+            self.null_rep = nn.Parameter(torch.zeros(D))  # input at every rep slot of a rep-dropped sample
+        if cfg.rep_ids:
+            self.quantizer = OnlineQuantizer(cfg.codebook_size, De, cfg.rep_temperature, cfg.rep_momentum,
+                                             cfg.rep_balance, cfg.rep_sinkhorn_iters, cfg.rep_dead_after,
+                                             stats=cfg.rep_balance_stats, init=cfg.rep_init)
+            self.rep_embed = nn.Embedding(cfg.codebook_size, D)  # own table, apart from the text vocabulary
+            self.rep_head = nn.Linear(D, cfg.codebook_size, bias=False)
+        if cfg.variant == "pixel_cont":
+            self.cont_in = nn.Linear(De, D)
+            self.cont_head = ContFlowHead(De, D, cfg.cont_width, cfg.cont_depth)
+        if cfg.variant == "pixel_repa":
+            self.repa_proj = mlp(D, 2 * D, De)
+        self.uniform = False  # set_uniform(): every module runs on every batch (sharded runs)
+        self.init_weights()
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02):
-        """Qwen3's normal(0, 0.02) for projections and embeddings, ones for norms; the
-        two projections that write into the residual stream (o_proj, down_proj) are
-        scaled by 1/sqrt(2 n_layers) (GPT-2) so the stream's variance does not grow with depth."""
-        nn.init.normal_(self.embed_tokens.weight, std=std)
-        for name, p in self.layers.named_parameters():
-            if name.endswith("norm.weight"):
-                nn.init.ones_(p)
-            elif "o_proj" in name or "down_proj" in name:
-                nn.init.normal_(p, std=std / (2 * self.n_layers) ** 0.5)
-            else:
-                nn.init.normal_(p, std=std)
-        nn.init.ones_(self.norm.weight)
+        """Backbone as Qwen3, encoder as ViT; the rest normal(0.02). Output heads start at zero
+        (DiT, nanochat): CE losses start at log(vocab), the pixel head predicts x = 0. The EMA
+        encoder starts as a copy of the encoder, the prototypes as random unit vectors."""
+        self.backbone.init_weights(std)
+        self.encoder.init_weights(std)
+        self.connector.init_weights(std)
+        own = ("backbone.", "encoder.", "ema_encoder.", "connector.")
+        for name, m in self.named_modules():
+            if name.startswith(own):
+                continue
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for name in ("gen_pos", "rep_pos", "null_rep"):
+            if hasattr(self, name):
+                nn.init.normal_(getattr(self, name), std=std)
+        heads = [getattr(self, n, None) for n in ("rep_head", "gen_head")]
+        heads += [self.cont_head.out] if hasattr(self, "cont_head") else []
+        heads += [] if self.cfg.tie_embeddings else [self.lm_head]
+        for head in heads:
+            if head is not None:
+                last = head[-1] if isinstance(head, nn.Sequential) else head
+                nn.init.zeros_(last.weight)
+                if last.bias is not None:
+                    nn.init.zeros_(last.bias)
+        if hasattr(self, "ema_encoder"):  # by position: names may differ by wrappers (activation checkpointing)
+            for e, p in zip(self.ema_encoder.parameters(), self.encoder.parameters()):
+                e.copy_(p)
+        if hasattr(self, "quantizer"):
+            self.quantizer.reset()
+
+    def set_uniform(self, on: bool = True) -> None:
+        """Run every module on every batch, on empty slices if need be, so each rank issues the same
+        collectives and every parameter gets a (zero) gradient, which FSDP's reduce-scatter needs
+        (parallelize.shard calls this)."""
+        self.uniform = on
+        for m in self.backbone.modules():
+            if isinstance(m, RoutedFFN):
+                m.uniform = on
+
+    # ------------------------------------------------------------ inputs of each kind of position
+
+    def embed_text(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, D)
+        return self.backbone.embed_tokens(tokens)
+
+    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Understanding input: (B, C, H, W) -> connector(normed encoder features) (B, E, D)."""
+        return self.connector(self.encoder(images)[1])
+
+    def embed_rep(self, values: torch.Tensor, start: int = 0, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """Rep slot inputs for cells [start, start + m): ids (B, m) long, or continuous features
+        (B, m, De) for pixel_cont; rows with drop (B,) True get the null embedding. -> (B, m, D)."""
+        m = values.shape[1]
+        x = self.rep_embed(values) if values.dtype == torch.long else self.cont_in(values)  # (B, m, D)
+        if drop is not None:
+            x = torch.where(drop[:, None, None], self.null_rep.to(x.dtype), x)
+        return x + self.rep_pos[start:start + m].to(x.dtype)
+
+    def embed_gen(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Gen slot inputs: noisy z_t (B, C, Hg, Wg) at time t (B,) -> (B, N, D)."""
+        x = self.gen_embed(patchify(z, self.cfg.gen_patch))  # (B, N, D)
+        return x + self.gen_pos.to(x.dtype) + self.t_embed(t)[:, None].to(x.dtype)
+
+    # ------------------------------------------------------------ heads
+
+    def lm_logits(self, h: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., vocab)
+        return self.lm_head(h)
+
+    def rep_logits(self, h: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., K)
+        return self.rep_head(h)
+
+    def gen_pred(self, h: torch.Tensor) -> torch.Tensor:
+        """x-prediction from the hidden states of the N gen slots: (B, N, D) -> (B, C, Hg, Wg)."""
+        c = self.cfg
+        return unpatchify(self.gen_head(h), c.gen_patch, c.gen_channels, c.gen_size, c.gen_size)
+
+    def cont_pred(self, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """pixel_cont: x-prediction of rep features (n, De) from z_t (n, De), t (n,), hidden before the slot (n, D)."""
+        return self.cont_head(z, t, cond)
+
+    # ------------------------------------------------------------ backbone
+
+    def expert_ids(self, kind: torch.Tensor) -> torch.Tensor:  # (B, L) -> (B, L)
+        ids = torch.tensor(KIND_TO_EXPERT, device=kind.device)[kind]
+        return ids.clamp(max=self.cfg.n_experts - 1)  # vlm: a single expert
 
     def new_kv_cache(self, batch: int, max_len: int, device=None) -> KVCache:
-        return KVCache(self.n_layers, batch, self.n_kv_heads, self.head_dim, max_len, device)
+        return self.backbone.new_kv_cache(batch, max_len, device)
 
-    def forward(self, h: torch.Tensor, expert_ids: torch.Tensor, attn_mask: torch.Tensor, positions: torch.Tensor,
-                kv_cache: KVCache | None = None, return_layer: int | None = None):
-        """h (B, L, D) input embeddings, expert_ids (B, L), attn_mask (B, 1, L, S) bool (True = may
-        attend; S = cached length + L), positions (B, L) RoPE positions.
+    def forward_hidden(self, h: torch.Tensor, kind: torch.Tensor, positions: torch.Tensor,
+                       kv_cache: KVCache | None = None, commit: bool = True, return_layer: int | None = None):
+        """Backbone over input embeddings h (B, L, D) of the given kinds and positions (B, L).
 
-        Returns the final-normed hidden (B, L, D); with return_layer=i also the residual
-        stream after layers[i] (0-based), un-normed, for REPA. With a kv_cache the keys
-        and values are written after its prefix; call kv_cache.commit to keep them.
+        With a kv_cache the queries attend to its prefix and themselves; commit=False is
+        the frozen-prefix use (the pixel block at each ODE step). Returns the final
+        hidden (B, L, D), or (final, after layers[return_layer]).
         """
-        routing = Routing(expert_ids, self.n_experts)
-        cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta)
-        mid = None
-        for i, layer in enumerate(self.layers):
-            h = layer(h, routing, cos, sin, attn_mask, kv_cache)
-            if i == return_layer:
-                mid = h
-        h = self.norm(h)
-        return h if return_layer is None else (h, mid)
+        if kv_cache is None:
+            mask = attention_mask(kind, positions)
+        else:
+            mask = attention_mask(kind, positions, *kv_cache.keys_meta(kind, positions))
+        out = self.backbone(h, self.expert_ids(kind), mask, positions, kv_cache, return_layer)
+        if kv_cache is not None and commit:
+            kv_cache.commit(kind, positions)
+        return out
+
+    # ------------------------------------------------------------ targets
+
+    @torch.no_grad()
+    def ema_features(self, images: torch.Tensor) -> torch.Tensor:
+        """EMA encoder's last-layer patch features before the final norm, (B, E, De)."""
+        return self.ema_encoder(images)[0]
+
+    @torch.no_grad()
+    def target_features(self, images: torch.Tensor) -> torch.Tensor:
+        """What every representation target is made of: EMA features, centered (FeatureCenter), (B, E, De)."""
+        f = self.ema_features(images)
+        return self.feat_center(f) if hasattr(self, "feat_center") else f
+
+    @torch.no_grad()
+    def rep_targets(self, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Rep ids (B, M) of images and codebook stats; prototypes move only in training mode."""
+        return self.quantizer(pool2x2(self.target_features(images), self.cfg.rep_pool))
+
+    @torch.no_grad()
+    def cont_targets(self, images: torch.Tensor) -> torch.Tensor:
+        """pixel_cont targets (B, M, De): pooled target features, L2-normalized and scaled to unit RMS per channel."""
+        y = pool2x2(self.target_features(images), self.cfg.rep_pool).float()
+        return F.normalize(y, dim=-1) * math.sqrt(y.shape[-1])
+
+    @torch.no_grad()
+    def update_ema_encoder(self, decay: float | None = None) -> None:
+        """ema_encoder <- EMA of encoder; call after each optimizer step."""
+        decay = self.cfg.encoder_ema if decay is None else decay
+        if hasattr(self, "ema_encoder") and decay < 1:  # 1.0: frozen targets, nothing to do
+            ema_update(self.ema_encoder, self.encoder, decay)
+
+    # ------------------------------------------------------------ training forward
+
+    def build_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """Input embeddings (B, L, D) of a batch (contract: sequence.py) and what the losses need.
+
+        Draws the flow noise and times of the generation samples and, for the rep
+        variants, computes the rep targets (moving the prototypes in training mode).
+        """
+        cfg = self.cfg
+        kind, is_gen = batch["kind"], batch["is_gen"]
+        B, L = kind.shape
+        positions = batch.get("positions")
+        if positions is None:
+            positions = torch.arange(L, device=kind.device).expand(B, L)
+        if is_gen.any() and not cfg.has_gen:
+            raise ValueError("the vlm variant trains on understanding samples only; the batch has generation samples")
+        aux: dict = {"positions": positions, "stats": {}}
+
+        h = self.embed_text(batch["tokens"])  # (B, L, D); slots of other kinds are overwritten below
+        und = ~is_gen
+        run_enc = bool(und.any()) or self.uniform
+        h = _fill(h, kind == ENC, self.embed_image(batch["images"][und]) if run_enc else None, "ENC")  # (U, E, D)
+        gen_x = batch.get("gen_x", batch["images"])[is_gen]  # (G, C, Hg, Wg)
+        G = aux["G"] = gen_x.shape[0]
+        rep_inputs = None
+        if G or (self.uniform and cfg.has_gen):
+            x = gen_x.float() if G else gen_x.new_zeros(0, cfg.gen_channels, cfg.gen_size, cfg.gen_size).float()
+            if "noise_seed" in batch:  # per-sample noise and time: the same whatever the batch split across ranks
+                e, t = _sample_noise(batch["noise_seed"][is_gen], x, cfg)
+            else:
+                e = torch.randn_like(gen_x, dtype=torch.float32)
+                t = flow.sample_t(G, cfg.t_mean, cfg.t_std, device=x.device)  # (G,)
+            h = _fill(h, kind == GEN, self.embed_gen(flow.interpolate(x, e, t), t), "GEN")  # (G, N, D)
+            drop = batch["drop_rep"][is_gen]  # (G,)
+            aux.update(x=x, e=e, t=t, drop=drop)
+            if cfg.needs_ema_encoder:
+                aux["images"] = batch["images"][is_gen]
+            if cfg.rep_ids:
+                aux["ids"], aux["stats"] = self.rep_targets(aux["images"])  # (G, M)
+                rep_inputs = self.embed_rep(aux["ids"], drop=drop)  # (G, M, D)
+            elif cfg.variant == "pixel_cont":
+                aux["y"] = self.cont_targets(aux["images"])  # (G, M, De)
+                rep_inputs = self.embed_rep(aux["y"].to(h.dtype), drop=drop)  # (G, M, D)
+        else:
+            _fill(h, kind == GEN, None, "GEN")  # checks there are none
+        h = _fill(h, kind == REP, rep_inputs, "REP")
+        return h, aux
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Losses of one batch. Returns scalar tensors: loss (the sum that is trained), loss_lm,
+        and per variant loss_rep and rep_acc, loss_fm, loss_repa, loss_cont, plus codebook stats rep_*."""
+        cfg = self.cfg
+        kind, text_targets, is_gen = batch["kind"], batch["text_targets"], batch["is_gen"]
+        h, aux = self.build_inputs(batch)
+        G = aux["G"]
+        out: dict[str, torch.Tensor] = dict(aux["stats"])
+        repa = cfg.variant == "pixel_repa"
+        hidden = self.forward_hidden(h, kind, aux["positions"], return_layer=cfg.repa_layer if repa else None)
+        if repa:
+            hidden, mid = hidden
+        zero = hidden.new_zeros(())  # a term with no carrier in this batch
+        # Each term is a mean over its items (text targets, rep tokens, gen samples). With batch["norm_*"]
+        # (data.local_batch) the divisor is the item count over all ranks / world size, so the
+        # gradients FSDP averages over ranks are those of the mean over the global batch.
+        norm = {k: batch.get(f"norm_{k}") for k in ("lm", "rep", "gen")}
+
+        def mean(total, n, key):  # total: sum over n local items
+            if norm[key] is not None:
+                return total / norm[key].clamp(min=1e-9)
+            return total / n if n else zero
+
+        # L_LM: next-token CE wherever a text target exists
+        sel = text_targets != -100
+        logits = self.lm_logits(hidden[sel])  # (n, vocab)
+        if norm["lm"] is None:
+            out["loss_lm"] = F.cross_entropy(logits.float(), text_targets[sel]) if sel.any() else zero
+        else:
+            out["loss_lm"] = mean(F.cross_entropy(logits.float(), text_targets[sel], reduction="sum"), 0, "lm")
+        if cfg.has_gen:
+            out["loss_fm"] = zero
+            if G or self.uniform:
+                x_pred = self.gen_head(hidden[kind == GEN])  # (G*N, P)
+                xp = patchify(aux["x"], cfg.gen_patch)  # (G, N, P)
+                ep = patchify(aux["e"], cfg.gen_patch)  # (G, N, P)
+                fm_mean = flow.fm_loss(x_pred.view_as(xp), xp, ep, aux["t"], cfg.t_eps) if G else 0 * x_pred.sum()
+                out["loss_fm"] = fm_mean if norm["gen"] is None else mean(fm_mean * G, G, "gen")
+        if cfg.rep_slots:
+            # the position just before each rep slot predicts it (BOI for the first); not in rep-dropped samples
+            before = torch.zeros_like(kind, dtype=torch.bool)
+            before[:, :-1] = kind[:, 1:] == REP
+            keep = torch.zeros_like(is_gen)
+            if G:
+                keep[is_gen] = ~aux["drop"]
+            cond = hidden[before & keep[:, None]]  # (n, D), n = kept samples * M, sample then cell order
+        if cfg.rep_ids:
+            out["loss_rep"] = zero
+            if cond.shape[0] or self.uniform:
+                target = aux["ids"][~aux["drop"]].reshape(-1) if G else aux["ids"].new_zeros(0)  # (n,)
+                rep_logits = self.rep_logits(cond).float()  # (n, K)
+                out["loss_rep"] = mean(F.cross_entropy(rep_logits, target, reduction="sum"), cond.shape[0], "rep")
+                if cond.shape[0]:
+                    out["rep_acc"] = (rep_logits.argmax(-1) == target).float().mean().detach()
+        if cfg.variant == "pixel_cont":
+            out["loss_cont"] = zero
+            if cond.shape[0] or self.uniform:
+                y = aux["y"][~aux["drop"]].reshape(-1, aux["y"].shape[-1])  # (n, De)
+                e = torch.randn_like(y)
+                t = flow.sample_t(y.shape[0], cfg.t_mean, cfg.t_std, device=y.device)  # one t per token
+                y_pred = self.cont_pred(flow.interpolate(y, e, t), t, cond)
+                n = y.shape[0]
+                cont = flow.fm_loss(y_pred, y, e, t, cfg.t_eps) if n else 0 * y_pred.sum()
+                out["loss_cont"] = mean(cont * n, n, "rep") if n else cont
+        if repa:
+            out["loss_repa"] = zero
+            if G or self.uniform:
+                target = self.target_features(aux["images"])  # (G, E, De), before the final norm like the rep targets
+                g = cfg.gen_size // cfg.gen_patch
+                if target.shape[1] != g * g:  # align the encoder grid to the gen grid
+                    side = math.isqrt(target.shape[1])
+                    grid = target.transpose(1, 2).reshape(G, -1, side, side)  # (G, De, s, s)
+                    target = F.adaptive_avg_pool2d(grid, g).flatten(2).transpose(1, 2)  # (G, N, De)
+                pred = self.repa_proj(mid[kind == GEN])  # (G*N, De)
+                cos = F.cosine_similarity(pred.float(), target.reshape(-1, target.shape[-1]).float(), dim=-1)
+                if norm["gen"] is None:
+                    out["loss_repa"] = -cos.mean() if G else 0 * pred.sum()
+                else:  # a mean over samples of their mean over the N gen tokens
+                    out["loss_repa"] = mean(-cos.sum() / max(1, cfg.n_gen), G, "gen")
+
+        terms = [out[k] for k in ("loss_lm", "loss_rep", "loss_fm", "loss_cont") if k in out]
+        if repa:
+            terms.append(cfg.repa_weight * out["loss_repa"])
+        out["loss"] = sum(terms)
+        return out
 
 
-def causal_mask(B: int, L: int, device=None) -> torch.Tensor:
-    """Plain causal boolean mask (B, 1, L, L), for tests and text-only use."""
-    return torch.ones(L, L, dtype=torch.bool, device=device).tril().expand(B, 1, L, L)
+def _sample_noise(seeds: torch.Tensor, x: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flow noise e (G, ...) like x and times t (G,), sample i drawn from its own generator seeded by seeds[i]."""
+    gen = torch.Generator(device=x.device)
+    es, ts = [], []
+    for s in seeds.tolist():
+        gen.manual_seed(int(s))
+        ts.append(flow.sample_t(1, cfg.t_mean, cfg.t_std, device=x.device, generator=gen))
+        es.append(torch.randn(x.shape[1:], device=x.device, generator=gen))
+    if not es:
+        return torch.zeros_like(x), x.new_zeros(0)
+    return torch.stack(es), torch.cat(ts)
 
+
+def _fill(h: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None, what: str) -> torch.Tensor:
+    """h with the positions of mask (B, L) replaced, in raster order, by values (n, m, D); None = expect none."""
+    count, made = int(mask.sum()), 0 if values is None else values.shape[0] * values.shape[1]
+    if count != made:
+        raise ValueError(f"batch has {count} {what} slots, the model built {made} inputs for them")
+    return h if values is None else h.masked_scatter(mask[..., None], values.to(h.dtype))
+
+
+# ----------------------------------------------------------------------------- parameter counts
+
+
+def count_params(cfg: ModelConfig | Config) -> dict[str, int]:
+    """Parameter counts of a model built on the meta device (no memory):
+
+    total      every parameter, the EMA encoder included
+    no_ema     total minus the EMA encoder (a copy updated by EMA, never by the optimizer)
+    backbone   the MoT transformer (embeddings included); encoder: the image encoder
+    active     the backbone parameters one token uses, counted as Qwen3 counts "activated"
+               parameters (embedding and LM head whole): per layer attention, norms and one
+               MoT expert, which for MoE is its router and top_k of its routed experts
+    """
+    m = cfg.model if isinstance(cfg, Config) else cfg
+    with torch.device("meta"):
+        model = RFModel(m)
+    n = {name: p.numel() for name, p in model.named_parameters()}
+    total = sum(n.values())
+    ema = sum(v for k, v in n.items() if k.startswith("ema_encoder."))
+    backbone = sum(v for k, v in n.items() if k.startswith("backbone."))
+    ffn = sum(v for k, v in n.items() if k.startswith("backbone.") and ".mlp.experts." in k)
+    per_expert = ffn // m.n_experts  # one MoT expert over all layers
+    if m.moe_experts:
+        router = m.n_layers * m.moe_experts * m.dim
+        per_expert = router + (per_expert - router) * m.moe_top_k // m.moe_experts
+    head = 0 if m.tie_embeddings else n.get("lm_head.weight", 0)
+    active = backbone - ffn + per_expert + head
+    return {"total": total, "no_ema": total - ema, "backbone": backbone, "encoder": sum(
+        v for k, v in n.items() if k.startswith("encoder.")), "active": active}

@@ -1,11 +1,13 @@
-"""Pretrained weights from local Hugging Face folders: Qwen3 / Qwen3-MoE, DINOv3 / SigLIP2, a diffusers VAE.
+"""Weights from elsewhere: local Hugging Face folders (Qwen3 / Qwen3-MoE, DINOv3 / SigLIP2, a diffusers
+VAE's geometry) and an earlier stage's checkpoint (`init_from_vlm`).
 
     fields = {**pretrained.llm_fields("/ckpt/Qwen3-0.6B"), **pretrained.encoder_fields("/ckpt/dinov3-vits16")}
     cfg = replace(model_cfg, **fields, vocab_size=pretrained.vocab_size("/ckpt/Qwen3-0.6B", tok))
     model = RFModel(cfg)
-    report = pretrained.load(model, llm="/ckpt/Qwen3-0.6B", vision="/ckpt/dinov3-vits16")
+    report = pretrained.load_hf(model, llm="/ckpt/Qwen3-0.6B", vision="/ckpt/dinov3-vits16")
+    report = pretrained.init_from_vlm(model, checkpoint.read(run)[0]["ema"])   # the next stage
 
-The backbone is Qwen3 with Hugging Face's parameter names (model.py), so the map is a
+The backbone is Qwen3 with Hugging Face's parameter names (backbone.py), so the map is a
 plain renaming, tensor by tensor, read lazily from the folder's safetensors:
 
     model.X                                   -> backbone.X
@@ -19,18 +21,24 @@ router for Qwen3-MoE). Rows of the embedding and the LM head past the LLM's own
 tokenizer (our special tokens, and any padding rows) start at the mean of the
 pretrained rows. The image encoder (and its EMA copy) are the transformers tower's
 weights under `encoder.model.`. Every target may be an FSDP-sharded DTensor: each rank
-copies only its own shard of each tensor (distributed.copy_full_). Nothing is
+copies only its own shard of each tensor (runtime.copy_full_). Nothing is
 downloaded: every path must be a local folder.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from .runtime import copy_full_
 
 WRAPPERS = re.compile(r"(_checkpoint_wrapped_module\.|_orig_mod\.|_fsdp_wrapped_module\.)")
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # DINOv3's processor statistics (LVD-1689M models)
@@ -51,8 +59,6 @@ class Weights(Mapping):
     """The tensors of a folder's *.safetensors files, opened lazily (sharded checkpoints included)."""
 
     def __init__(self, folder: str | Path, pattern: str = "*.safetensors"):
-        from safetensors import safe_open
-
         files = sorted(Path(folder).glob(pattern))
         if not files:
             raise PretrainedError(f"no *.safetensors in {folder}")
@@ -168,12 +174,10 @@ def vae_fields(folder: str | Path, image_size: int, tokens_like_patch: int = 16)
                 gen_patch=max(1, tokens_like_patch // down))
 
 
-def resolve(cfg, tok):
+def config_for_folders(cfg, tok):
     """The run config with the architecture of its local folders: train.llm (backbone, and the
     vocabulary with our tokens), train.vision (encoder), train.vae for the vae variants
     (latent geometry, as many latent tokens as the pixel variants have patches)."""
-    from dataclasses import replace
-
     t, m = cfg.train, cfg.model
     fields: dict = {}
     if t.llm:
@@ -188,7 +192,8 @@ def resolve(cfg, tok):
 # ----------------------------------------------------------------------------- weights
 
 
-def _clean(name: str) -> str:
+def clean_name(name: str) -> str:
+    """A parameter name without the wrappers of activation checkpointing, compile and FSDP1."""
     return WRAPPERS.sub("", name)
 
 
@@ -223,7 +228,7 @@ def _encoder_state(folder: Path) -> dict[str, torch.Tensor]:
     """The tower's weights under its transformers module names (transformers' own loader maps the checkpoint's
     names, e.g. DINOv3's `layer.i` -> `model.layer.i`, SigLIP2's `vision_model.` prefix). Small enough to
     hold whole on every rank (ViT-H+ is 0.84B parameters)."""
-    import transformers
+    import transformers  # heavy: only when a vision tower is loaded
 
     kind, _ = _vision_config(read_config(folder))
     cls = transformers.DINOv3ViTModel if kind == "dinov3" else transformers.Siglip2VisionModel
@@ -243,7 +248,7 @@ def _encoder_source(name: str, state: dict[str, torch.Tensor]):
 def _original_vocab(folder: Path) -> int | None:
     """Tokens of the LLM's own tokenizer (before ours are added), if the folder has one."""
     try:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # heavy: only when an LLM is loaded
 
         return len(AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
     except Exception:
@@ -251,11 +256,9 @@ def _original_vocab(folder: Path) -> int | None:
 
 
 @torch.no_grad()
-def load(model, llm: str | Path | None = None, vision: str | Path | None = None) -> dict[str, list[str]]:
+def load_hf(model, llm: str | Path | None = None, vision: str | Path | None = None) -> dict[str, list[str]]:
     """Copy LLM and/or vision-tower weights into an RFModel (plain or FSDP-sharded); returns the names
     under "loaded" and "vocab_mean" (rows set to the mean embedding). Shapes must match the config."""
-    from .distributed import copy_full_
-
     report: dict[str, list[str]] = {"loaded": [], "vocab_mean": []}
     sources = []
     if llm is not None:
@@ -270,7 +273,7 @@ def load(model, llm: str | Path | None = None, vision: str | Path | None = None)
         return report
     tied = model.cfg.tie_embeddings
     for raw, param in model.named_parameters():
-        name = _clean(raw)
+        name = clean_name(raw)
         if tied and name == "lm_head.weight":
             continue
         fn = next((f for f in (s(name) for s in sources) if f is not None), None)
@@ -303,8 +306,49 @@ def _grow_vocab(table: torch.Tensor, rows: int, n_orig: int) -> torch.Tensor:
     return out
 
 
-def load_vae(folder: str | Path):
-    """Any local diffusers AutoencoderKL folder (vae.py), frozen."""
-    from .vae import load_vae as _load
+# ----------------------------------------------------------------------------- stage init
 
-    return _load(folder)
+
+@torch.no_grad()
+def init_from_vlm(model, state_dict: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
+    """Start an RFModel of a generation variant from a `vlm` checkpoint (docs/DESIGN.md, training protocol).
+
+    Loads every tensor whose name and shape match; an FFN expert absent from the
+    checkpoint starts as a copy of its understanding expert (experts.0); the EMA
+    encoder starts as the loaded encoder; a learned position table of another grid
+    size (a stage at another resolution) is resized bilinearly ("resized"); everything
+    else keeps its fresh init. state_dict may be any mapping with keys() and [] (a
+    lazily read safetensors file), and the model may be FSDP-sharded.
+    Returns the names under "loaded", "copied" and "fresh" (fresh = new parameters,
+    e.g. for a higher learning rate).
+    """
+    keys = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): k for k in state_dict.keys()}  # lazy: read on use
+    report: dict[str, list[str]] = {"loaded": [], "copied": [], "fresh": []}
+    for raw, tensor in model.state_dict().items():
+        name = re.sub(r"_checkpoint_wrapped_module\.|_orig_mod\.", "", raw)  # activation-checkpoint wrappers
+        key, bucket = name, "loaded"
+        if key not in keys:
+            key, bucket = re.sub(r"(\.mlp\.experts\.)\d+\.", r"\g<1>0.", name), "copied"
+        if name.startswith("ema_encoder."):
+            key, bucket = "encoder." + name[len("ema_encoder."):], "copied"
+        value = state_dict[keys[key]] if key in keys else None
+        if value is not None and value.shape != tensor.shape and name.endswith(_GRIDS):
+            value, bucket = _resize_grid(value, tensor.shape), "resized"  # a stage at another resolution
+        if value is not None and value.shape == tensor.shape:
+            copy_full_(tensor, value)
+            report.setdefault(bucket, []).append(name)
+        else:
+            report["fresh"].append(name)
+    return report
+
+
+_GRIDS = ("gen_pos", "rep_pos", "encoder.pos_embed")  # learned 2D position tables, one row per grid cell
+
+
+def _resize_grid(table: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A square raster-order position table (..., n, D) bilinearly resized to (..., m, D)."""
+    n, m = table.shape[-2], shape[-2]
+    side, new = math.isqrt(n), math.isqrt(m)
+    grid = table.reshape(side, side, -1).permute(2, 0, 1)[None].float()  # (1, D, s, s)
+    grid = F.interpolate(grid, size=(new, new), mode="bilinear", align_corners=False)  # (1, D, s', s')
+    return grid[0].permute(1, 2, 0).reshape(shape).to(table.dtype)

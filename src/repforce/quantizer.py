@@ -1,6 +1,6 @@
 """The online quantizer that turns pooled encoder features into representation token ids.
 
-DESIGN.md, "Representation targets", restated:
+docs/DESIGN.md, "Representation targets", restated:
 
     z   = normalize(pool(features))          # (M, D), M = batch * positions
     s   = z @ C.T / temperature              # (M, K), C: (K, D) unit prototypes
@@ -37,7 +37,7 @@ re-seeded at a random feature of the current batch. Everything here runs in fp32
 under no_grad: ids carry no gradient, nothing flows back into the encoder.
 
 Under data parallelism every statistic that spans the batch is summed over ranks
-(`distributed.all_sum`): the column sums of the balancing step, the assignment counts
+(`runtime.all_sum`): the column sums of the balancing step, the assignment counts
 and the per-prototype feature sums of the update, and the re-seeding features are the
 same on every rank. So the codebooks never drift apart and the ids equal those of one
 process on the global batch.
@@ -48,6 +48,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from . import runtime
 
 BALANCES = ("softmax", "sinkhorn", "none")
 STATS = ("batch", "running")
@@ -153,13 +155,11 @@ class FeatureCenter(nn.Module):
     @torch.no_grad()
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         """feats (..., D) minus the running mean, which moves toward the batch mean in training mode."""
-        from .distributed import all_sum, world_size
-
         x = feats.float().reshape(-1, feats.shape[-1])  # (M, D)
         if self.training:
             total, count = x.sum(0), torch.tensor(float(x.shape[0]), device=x.device)
-            if world_size() > 1:
-                total, count = all_sum(total), all_sum(count)
+            if runtime.world_size() > 1:
+                total, count = runtime.all_sum(total), runtime.all_sum(count)
             if count > 0:
                 batch_mean = total / count
                 self.mean.copy_(torch.where(self.ready > 0, self.momentum * self.mean + (1 - self.momentum) * batch_mean,
@@ -194,7 +194,7 @@ class OnlineQuantizer(nn.Module):
 
     @torch.no_grad()
     def reset(self):
-        """Random unit prototypes (DESIGN.md section 5), fresh counters."""
+        """Random unit prototypes (docs/DESIGN.md section 5), fresh counters."""
         self.prototypes.copy_(F.normalize(torch.randn_like(self.prototypes), dim=1))
         self.unused.zero_()
         self.usage.fill_(1.0 / self.num_codes)
@@ -204,9 +204,7 @@ class OnlineQuantizer(nn.Module):
     @torch.no_grad()
     def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """feats (..., D) -> ids (...) long, and usage stats; updates the prototypes if training."""
-        from .distributed import all_sum, world_size
-
-        reduce = all_sum if world_size() > 1 else None  # statistics over the global batch
+        reduce = runtime.all_sum if runtime.world_size() > 1 else None  # statistics over the global batch
         lead, D = feats.shape[:-1], feats.shape[-1]
         with torch.autocast(device_type=feats.device.type, enabled=False):
             z = F.normalize(feats.detach().reshape(-1, D).float(), dim=1)  # (M, D)
@@ -253,6 +251,4 @@ class OnlineQuantizer(nn.Module):
                 torch.randint(z.shape[0], (n,), device=z.device)  # distinct features where the batch allows
             self.prototypes[rows] = z[pick]
         else:  # the features of the first rank that has some, so every rank sets the same rows
-            from .distributed import first_nonempty_rows
-
-            self.prototypes[rows] = first_nonempty_rows(z, n)
+            self.prototypes[rows] = runtime.first_nonempty_rows(z, n)

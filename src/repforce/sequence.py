@@ -1,20 +1,19 @@
-"""Training data of the shapes world as model batches: samples, sequence layout, collation.
+"""The batch contract between data and model: position kinds, sequence layouts, collation.
 
-    stream = ShapesStream(DataConfig(), tok, layout)
-    batch = stream.batch(step, batch_size)     # a dict of tensors, the model's batch contract
+    layout = Layout.for_model(cfg.model)
+    batch = collate([rows(tok, layout, s.is_gen, s.prompt, [(s.prompt, s.answer)]) ...], images, is_gen, drop_rep)
 
 Layouts (one image per sample, right-padded to a common length L):
 
     generation      [BOS prompt][BOI][M rep slots][N gen slots][EOI]
-    understanding   [BOS][IMG_START][E encoder slots][IMG_END][question][answer][EOS]
+    understanding   [BOS][IMG_START][E encoder slots][IMG_END] q1 a1 EOS q2 a2 EOS ...
 
-`kind` marks every position (0 pad, 1 text, 2 image-encoder slot, 3 rep slot, 4 gen slot);
-`text_targets[i]` is the token position i must predict (-100: no LM loss). A generation
-prompt is a condition, not a target. Text dropping for guidance is done here (the prompt
-becomes empty: BOS, BOI); rep dropping is a flag the model applies.
-
-A batch is a pure function of (data seed, step, batch size): sample j of the run is drawn
-from its own generator, so resuming at a step replays exactly the same data.
+`kind` marks every position (PAD, TEXT, ENC, REP, GEN below); `text_targets[i]` is the
+token position i must predict (-100: no LM loss): the answers and their EOS. A generation
+prompt is a condition, not a target. Text dropping for guidance is the data's (the prompt
+becomes empty: BOS, BOI); rep dropping is a flag the model applies. Every data source
+(the worlds of data.py, the real data of datasources.py) and the inference engine build
+their sequences here.
 """
 
 from __future__ import annotations
@@ -24,24 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import shapeseval, world
-
 PAD, TEXT, ENC, REP, GEN = 0, 1, 2, 3, 4  # position kinds
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    world: str = "shapes"  # data source: "shapes" or "fashion" (Fashion-MNIST, see fashion.py)
-    fashion_root: str = "/usr/share/datasets/fashion-mnist"  # folder of the Fashion-MNIST IDX files
-    fashion_pairs: float = 0.0  # Fashion-MNIST: share of two-item composites ("a bag to the left of a sandal")
-    canvas: int = 32  # image side, pixels
-    channels: int = 3  # 3: RGB (Fashion-MNIST's gray replicated); 1: gray, Fashion-MNIST only (= model.image_channels)
-    gen_fraction: float = 0.5  # share of generation samples in a batch (the vlm variant uses 0)
-    prompt_fraction: float = 0.5  # share of generation captions written as ShapesEval-style prompts
-    caption_fraction: float = 0.25  # share of understanding samples that ask for the full caption
-    drop_text: float = 0.1  # probability of an empty prompt (guidance)
-    drop_rep: float = 0.1  # probability of a dropped rep sequence (guidance)
-    seed: int = 0  # data seed: which slice of the train stream a run sees
+CAPTION_QUESTION = "describe the image."  # the question that asks for a caption, in every world
 
 
 @dataclass(frozen=True)
@@ -51,6 +34,11 @@ class Layout:
     n_enc: int  # image-encoder tokens of an understanding sample
     n_rep: int  # rep slots of a generation sample (0 for variants without rep tokens)
     n_gen: int  # gen slots (pixel patches or latent tokens)
+
+    @staticmethod
+    def for_model(m) -> "Layout":
+        """The layout of a ModelConfig's sequences."""
+        return Layout(m.n_enc, m.n_rep if m.rep_slots else 0, m.n_gen)
 
 
 @dataclass
@@ -62,36 +50,9 @@ class Sample:
     drop_rep: bool = False
 
 
-def sample_at(cfg: DataConfig, j: int, gen_fraction: float | None = None) -> Sample:
-    """Sample j of a run's stream, drawn from the train half of the seed space."""
-    gf = cfg.gen_fraction if gen_fraction is None else gen_fraction
-    if cfg.world == "fashion":
-        from . import fashion
-
-        return fashion.sample(cfg, j, gf)
-    rng = np.random.default_rng([cfg.seed, j])
-    seed = world.scene_seed("train", (cfg.seed * 100_000_007 + j) % world.HELDOUT_BASE)
-    if rng.random() < gf:
-        if rng.random() < cfg.prompt_fraction:
-            prompt = shapeseval.sample_prompt(rng)
-            scene, text = shapeseval.scene_for_prompt(prompt, seed, cfg.canvas), prompt.text
-        else:
-            scene = world.sample_scene(seed, cfg.canvas)
-            text = world.caption(scene)
-        drop_text, drop_rep = rng.random() < cfg.drop_text, rng.random() < cfg.drop_rep
-        return Sample(True, world.render(scene), "" if drop_text else text, "", drop_rep)
-    scene = world.sample_scene(seed, cfg.canvas)
-    if rng.random() < cfg.caption_fraction:
-        q, a = world.caption_question(), world.caption(scene)
-    else:
-        qa = world.questions(scene)
-        q, a = qa[rng.integers(len(qa))]
-    return Sample(False, world.render(scene), q, a)
-
-
-def gen_prefix(tok, prompt: str) -> list[int]:
+def gen_prefix(tok, prompt: str, max_tokens: int | None = None) -> list[int]:
     """Token ids of a generation prompt up to and including BOI (the sampler uses it too)."""
-    return [tok.bos_id, *tok.encode(prompt), tok.boi_id]
+    return [tok.bos_id, *tok.encode(prompt)[:max_tokens], tok.boi_id]
 
 
 def und_prefix(tok, layout: Layout, question: str) -> tuple[list[int], list[int]]:
@@ -101,58 +62,63 @@ def und_prefix(tok, layout: Layout, question: str) -> tuple[list[int], list[int]
     return ids, kinds
 
 
-def layout_of(s: Sample, tok, layout: Layout) -> tuple[list[int], list[int], list[int]]:
-    """(tokens, kinds, targets) of one sample, unpadded."""
-    if s.is_gen:
-        ids = gen_prefix(tok, s.prompt)
+def rows(tok, layout: Layout, is_gen: bool, prompt: str | None, turns=(), max_tokens: int | None = None):
+    """(tokens, kinds, targets) of one sample, unpadded: a generation prompt, or understanding turns
+    [(question, answer), ...]. With max_tokens, a prompt is cut to it; turns that do not fit are
+    dropped, and a first turn that does not fit alone is cut to fit."""
+    if is_gen:
+        ids = gen_prefix(tok, prompt or "", max_tokens)
         kinds = [TEXT] * len(ids) + [REP] * layout.n_rep + [GEN] * layout.n_gen + [TEXT]
         ids = ids + [0] * (layout.n_rep + layout.n_gen) + [tok.eoi_id]
         return ids, kinds, [-100] * len(ids)
-    ids, kinds = und_prefix(tok, layout, s.prompt)
-    answer = tok.encode(s.answer) + [tok.eos_id]
-    targets = [-100] * (len(ids) - 1) + answer + [-100]  # position i predicts ids[i + 1]
-    return ids + answer, kinds + [TEXT] * len(answer), targets
+    ids = [tok.bos_id, tok.img_start_id] + [0] * layout.n_enc + [tok.img_end_id]
+    kinds = [TEXT, TEXT] + [ENC] * layout.n_enc + [TEXT]
+    own = [-100] * len(ids)  # own[i] = ids[i] where ids[i] is an answer token (a target), else -100
+    budget = max_tokens
+    for n, (q, a) in enumerate(turns):
+        q_ids, a_ids = tok.encode(q), tok.encode(a) + [tok.eos_id]
+        if budget is not None:
+            if len(q_ids) + len(a_ids) > budget:
+                if n:
+                    break  # later turns that do not fit are dropped; the first one is cut to fit
+                q_ids = q_ids[:budget // 2]
+                a_ids = a_ids[:budget - len(q_ids)]
+            budget -= len(q_ids) + len(a_ids)
+        ids += q_ids + a_ids
+        kinds += [TEXT] * (len(q_ids) + len(a_ids))
+        own += [-100] * len(q_ids) + a_ids
+    return ids, kinds, own[1:] + [-100]  # position i predicts ids[i + 1]
 
 
-def collate(samples: list[Sample], tok, layout: Layout, multiple: int = 8) -> dict[str, torch.Tensor]:
-    """Samples -> the batch contract (see the module docstring), padded to a multiple of 8."""
-    rows = [layout_of(s, tok, layout) for s in samples]
-    length = max(len(r[0]) for r in rows)
+def collate(samples_rows: list[tuple], images: np.ndarray, is_gen: list[bool], drop_rep: list[bool],
+            multiple: int = 8) -> dict[str, torch.Tensor]:
+    """Rows of `rows` and their uint8 images (B, H, W, C) -> the batch contract, padded to a multiple of 8."""
+    length = max(len(r[0]) for r in samples_rows)
     length = -(-length // multiple) * multiple
-    B = len(samples)
+    B = len(samples_rows)
     tokens = torch.zeros(B, length, dtype=torch.long)
     kind = torch.zeros(B, length, dtype=torch.long)
     targets = torch.full((B, length), -100, dtype=torch.long)
-    for b, (ids, kinds, tgt) in enumerate(rows):
+    for b, (ids, kinds, tgt) in enumerate(samples_rows):
         n = len(ids)
         tokens[b, :n] = torch.tensor(ids)
         kind[b, :n] = torch.tensor(kinds)
         targets[b, :n] = torch.tensor(tgt)
     tokens[kind != TEXT] = 0
-    images = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 3, H, W)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, C, H, W) in [-1, 1]
     return {
         "tokens": tokens,
         "kind": kind,
         "text_targets": targets,
-        "images": images,
-        "gen_x": images,
-        "is_gen": torch.tensor([s.is_gen for s in samples]),
-        "drop_rep": torch.tensor([s.drop_rep for s in samples]),
+        "images": x,
+        "gen_x": x,
+        "is_gen": torch.tensor(is_gen),
+        "drop_rep": torch.tensor(drop_rep),
     }
 
 
-class ShapesStream:
-    """Batches of the shapes world, a pure function of the step."""
-
-    def __init__(self, cfg: DataConfig, tok, layout: Layout, gen_fraction: float | None = None):
-        self.cfg, self.tok, self.layout = cfg, tok, layout
-        self.gen_fraction = cfg.gen_fraction if gen_fraction is None else gen_fraction
-
-    def samples(self, step: int, batch_size: int, rank: int = 0, world: int = 1) -> list[Sample]:
-        """Samples of `step`; with world > 1, the rank-th of `world` equal slices of them."""
-        b = batch_size // world
-        first = step * batch_size + rank * b
-        return [sample_at(self.cfg, first + i, self.gen_fraction) for i in range(b)]
-
-    def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
-        return collate(self.samples(step, batch_size, rank, world), self.tok, self.layout)
+def collate_samples(samples: list[Sample], tok, layout: Layout) -> dict[str, torch.Tensor]:
+    """Samples of the worlds (one question and answer each) -> the batch contract."""
+    r = [rows(tok, layout, s.is_gen, s.prompt, [] if s.is_gen else [(s.prompt, s.answer)]) for s in samples]
+    return collate(r, np.stack([s.image for s in samples]), [s.is_gen for s in samples],
+                   [s.drop_rep for s in samples])

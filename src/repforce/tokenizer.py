@@ -1,7 +1,8 @@
-"""Text tokenizer: a BPE trained on the shapes world's text, or any local Hugging Face one.
+"""Text tokenizer: a BPE trained on a corpus (the worlds' text), or any local Hugging Face one.
 
-    from repforce.tokenizer import build_world_tokenizer, load_tokenizer
-    build_world_tokenizer("runs/tok"); tok = load_tokenizer("runs/tok")
+    from repforce.tokenizer import load_tokenizer, train_tokenizer
+    train_tokenizer("runs/tok", corpus); tok = load_tokenizer("runs/tok")
+    repforce.data.build_world_tokenizer("runs/tok")      # the BPE of the small worlds
 
 Either way the model sees one `Tokenizer` with the special tokens it needs: pad, bos, eos,
 image start/end (around image-encoder tokens) and BOI/EOI (around a generated image).
@@ -13,7 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
+from tokenizers import Tokenizer as RawTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 SPECIALS = {  # role -> token string
     "pad": "<|pad|>",
@@ -62,34 +64,18 @@ class Tokenizer:
         self.hf.save_pretrained(str(path))
 
 
-def world_corpus(n_scenes: int = 4000) -> list[str]:
-    """Every kind of text the worlds produce (shapes, from the train stream; Fashion-MNIST's class text)."""
-    from . import fashion, shapeseval, world
+def train_tokenizer(out: str | Path, corpus: list[str], vocab_size: int = 512) -> Tokenizer:
+    """Train a byte-level BPE on `corpus` and save it as a transformers folder.
 
-    lines = [world.caption_question()]
-    for scene in world.scenes("train", 0, n_scenes):
-        lines.append(world.caption(scene))
-        lines += [f"{q} {a}" for q, a in world.questions(scene)]
-    for cat in shapeseval.CATEGORIES:
-        lines += [text for text, *_ in shapeseval.category_space(cat)]
-    return lines + fashion.corpus()
-
-
-def build_world_tokenizer(out: str | Path, vocab_size: int = 512, n_scenes: int = 4000) -> Tokenizer:
-    """Train a byte-level BPE on the world's text and save it as a transformers folder.
-
-    Deterministic: the corpus is seeded and BPE training is ordered, so the same
-    arguments give the same vocabulary."""
-    from tokenizers import Tokenizer as RawTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    Deterministic: BPE training is ordered, so the same corpus gives the same vocabulary."""
+    from transformers import PreTrainedTokenizerFast  # heavy: off the import path
 
     raw = RawTokenizer(models.BPE())
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS.values()),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    raw.train_from_iterator(world_corpus(n_scenes), trainer=trainer)
+    raw.train_from_iterator(corpus, trainer=trainer)
     hf = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token=SPECIALS["pad"], bos_token=SPECIALS["bos"],
                                  eos_token=SPECIALS["eos"], unk_token=None,
                                  additional_special_tokens=[SPECIALS[k] for k in ("img_start", "img_end", "boi", "eoi")])
@@ -102,7 +88,7 @@ def build_world_tokenizer(out: str | Path, vocab_size: int = 512, n_scenes: int 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a local tokenizer folder (ours or any Hugging Face one, e.g. an LLM's), adding
     whichever of our special tokens it lacks. Never downloads."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: off the import path
 
     path = Path(path)
     if not path.is_dir():

@@ -13,24 +13,31 @@ that never stopped.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
 import signal
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import checkpoint, datasources, distributed, pretrained
-from .config import Config, ConfigError, validate
-from .rf import RFModel
+from . import checkpoint, pretrained, runtime
+from .config import Config, DataConfig, validate
+from .data import build_world_tokenizer, local_batch, make_stream, sample_at
+from .model import RFModel
+from .parallelize import parallelize, shard_like
 from .sequence import Layout
-from .tokenizer import build_world_tokenizer, load_tokenizer
+from .tokenizer import load_tokenizer
+from .vae import VAEEncoder, decode, encode, make_vae
 
 GEN_MODULES = ("gen_embed", "gen_pos", "t_embed", "gen_head", "rep_", "null_rep", "cont_", "repa_proj")
 
@@ -71,43 +78,6 @@ def stop_on_signals(signals=(signal.SIGTERM, signal.SIGINT)):
             signal.signal(s, h)
 
 
-_FAST_BF16: dict[str, bool] = {}
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" -> bf16 where bf16 matmuls are fast (GPUs, CPUs with AVX512-BF16/AMX), else fp32.
-
-    On a CPU it times a small matmul in both dtypes once per process: on AVX2-only CPUs
-    bf16 is emulated and about 100x slower than fp32, elsewhere it is several times faster."""
-    if precision != "auto":
-        return precision
-    if device.type != "cpu":
-        return "bf16"
-    if "cpu" not in _FAST_BF16:
-        import time
-
-        def rate(dtype):
-            a = torch.randn(256, 256, dtype=dtype)
-            a @ a
-            t0 = time.perf_counter()
-            for _ in range(4):
-                a @ a
-            return time.perf_counter() - t0
-
-        _FAST_BF16["cpu"] = rate(torch.bfloat16) < rate(torch.float32)
-    return "bf16" if _FAST_BF16["cpu"] else "fp32"
-
-
-def autocast(precision: str, device: torch.device):
-    if resolve_precision(precision, device) == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def layout_of(model_cfg) -> Layout:
-    return Layout(model_cfg.n_enc, model_cfg.n_rep if model_cfg.rep_slots else 0, model_cfg.n_gen)
-
-
 def is_gen_param(name: str) -> bool:
     """Parameters that exist for generation only: the gen/rep modules and the experts 1, 2."""
     return name.startswith(GEN_MODULES) or ".mlp.experts.1." in name or ".mlp.experts.2." in name
@@ -140,9 +110,9 @@ def lr_factor(step: int, cfg: Config) -> float:
 
 
 @torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """EMA of the parameters; buffers (the quantizer's prototypes) and the EMA encoder (already
-    an average) copied exactly."""
+def update_weight_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """The weight EMA used for sampling: EMA of the parameters; buffers (the quantizer's prototypes)
+    and the EMA encoder (already an average) copied exactly."""
     pairs = list(zip(ema.named_parameters(), model.parameters()))
     avg = [(ep, mp.detach()) for (name, ep), mp in pairs if not name.startswith("ema_encoder.")]
     torch._foreach_lerp_([e for e, _ in avg], [m for _, m in avg], 1 - decay)
@@ -153,21 +123,6 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         eb.copy_(mb)
 
 
-class VAEEncoder:
-    """The frozen VAE of the vae variants: images -> latents scaled to unit variance."""
-
-    def __init__(self, folder: str, device: torch.device):
-        from .vae import load_vae
-
-        self.vae = load_vae(folder).to(device)
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        from .vae import encode
-
-        return encode(self.vae, images)
-
-
 def prepare_run(cfg: Config, out: Path, resume: bool) -> tuple[Config, object]:
     """Folder, tokenizer and vocabulary size of a run; refuses to clobber saved work."""
     out = Path(out)
@@ -176,7 +131,7 @@ def prepare_run(cfg: Config, out: Path, resume: bool) -> tuple[Config, object]:
         raise RunError(f"{out} already holds checkpoints; pass --resume to continue it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     tok_dir = out / "tokenizer"
-    if not tok_dir.exists() and distributed.is_main():  # one writer under torchrun
+    if not tok_dir.exists() and runtime.is_main():  # one writer under torchrun
         init_tok = Path(cfg.train.init) / "tokenizer" if cfg.train.init else None
         if init_tok is not None and init_tok.is_dir():
             shutil.copytree(init_tok, tok_dir)
@@ -184,19 +139,73 @@ def prepare_run(cfg: Config, out: Path, resume: bool) -> tuple[Config, object]:
             load_tokenizer(cfg.train.llm).save(tok_dir)
         else:
             build_world_tokenizer(tok_dir)
-    distributed.barrier()
+    runtime.barrier()
     tok = load_tokenizer(tok_dir)
     cfg = replace(cfg, model=replace(cfg.model, vocab_size=len(tok)))
-    return pretrained.resolve(cfg, tok), tok  # architecture of train.llm / train.vision / a diffusers VAE
+    return pretrained.config_for_folders(cfg, tok), tok  # architecture of train.llm / train.vision / a diffusers VAE
 
 
 def init_weights_from(model: RFModel, path: str) -> dict:
     """Start from another run's EMA weights (a vlm run for the generation variants)."""
     try:
-        state, _ = checkpoint.load(Path(path))
+        state, _ = checkpoint.read(Path(path))
     except checkpoint.CheckpointError as e:
         raise RunError(f"--init: {e}") from None
-    return model.init_from_vlm(state["ema"])
+    return pretrained.init_from_vlm(model, state["ema"])
+
+
+def build_model(cfg: Config, device: torch.device, init_fn=None, fresh: bool = True):
+    """The trained model, its EMA and the init report, for one process or a sharded run.
+
+    Small models are built whole on every rank with the same seed, so a sharded run starts
+    from exactly the weights of a single-process one. With cfg.train.meta_init (the scale
+    presets) the model is built on the meta device, sharded, materialized and initialized
+    shard by shard: no rank ever holds all of it. Then pretrained weights (train.llm,
+    train.vision; only for a fresh run without init_fn) or init_fn (a previous stage) are
+    copied in, shard by shard too, and the EMA starts equal to the result.
+    train.train_only freezes every parameter outside its name prefixes (stage 1)."""
+    t = cfg.train
+    sharded = runtime.world_size() > 1
+    if t.meta_init:
+        with torch.device("meta"):
+            model = RFModel(cfg.model)
+            ema = RFModel(cfg.model)
+    else:
+        model = RFModel(cfg.model)
+        ema = copy.deepcopy(model)
+    ema.requires_grad_(False)
+    if t.train_only:
+        keep = tuple(p.strip() for p in t.train_only.split(",") if p.strip())
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith(keep))
+    if sharded or t.act_ckpt or t.compile:
+        mixed = device.type == "cuda" and t.precision != "fp32"
+        parallelize(model, device, mixed, t.act_ckpt, t.compile, shard=sharded)
+    if sharded:
+        shard_like(ema, device)
+    if t.meta_init:
+        for m in (model, ema):
+            m.to_empty(device=device)
+            m.init_weights()
+    else:
+        model.to(device)
+        ema.to(device)
+    report = None
+    if (t.llm or t.vision) and fresh and init_fn is None:
+        report = pretrained.load_hf(model, t.llm or None, t.vision or None)
+    if init_fn is not None:
+        report = init_fn(model)
+    copy_weights_(ema, model)
+    return model, ema, report
+
+
+@torch.no_grad()
+def copy_weights_(dst: nn.Module, src: nn.Module) -> None:
+    """dst's parameters and buffers <- src's, in registration order (names may differ by wrappers)."""
+    for a, b in zip(dst.parameters(), src.parameters()):
+        a.copy_(b.detach())
+    for a, b in zip(dst.buffers(), src.buffers()):
+        a.copy_(b)
 
 
 def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = True,
@@ -209,7 +218,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
     Returns a summary: final step, last logged losses, wall time, tokens/s."""
     out = Path(out)
     validate(cfg)
-    rt = distributed.setup(device or cfg.train.device)  # torchrun's env -> process group; else one process
+    rt = runtime.setup(device or cfg.train.device)  # torchrun's env -> process group; else one process
     cfg, tok = prepare_run(cfg, out, resume)
     t = cfg.train
     if t.threads:
@@ -217,43 +226,40 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
     dev = rt.device
     torch.manual_seed(t.seed)
     init = (lambda m: init_weights_from(m, t.init)) if t.init and not resume else None
-    model, ema, init_report = distributed.build(cfg, dev, init, fresh=not resume)  # sharded when world > 1
+    model, ema, init_report = build_model(cfg, dev, init, fresh=not resume)  # sharded when world > 1
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=cfg.optim.betas, fused=False)
     step, spent = 0, {"wall_s": 0.0, "cpu_s": 0.0}  # time of the earlier legs of a resumed run
-    if resume:
-        dirs = checkpoint.step_dirs(out / "checkpoints")
-        if dirs and distributed.is_dcp(dirs[-1]):  # sharded: resumes on any number of ranks
-            if json.loads((dirs[-1] / "config.json").read_text())["model"] != cfg.to_json()["model"]:
-                raise RunError(f"--resume: the model config differs from the one saved in {dirs[-1]}")
-            step, dirs = distributed.load(dirs[-1], model, ema, opt)["step"], []
-        if dirs and rt.world > 1:
-            raise RunError(f"--resume: {dirs[-1]} is a single-process checkpoint; start a sharded run from it "
-                           "with --init")
-        if dirs:
-            state, saved = checkpoint.load(dirs[-1])
-            if saved["model"] != cfg.to_json()["model"]:
-                raise RunError(f"--resume: the model config differs from the one saved in {dirs[-1]}")
-            model.load_state_dict(state["model"])
-            ema.load_state_dict(state["ema"])
-            opt.load_state_dict(state["optim"])
-            torch.set_rng_state(state["rng"])
-            step = state["step"]
-            spent = state.get("clock", spent)
+    dirs = checkpoint.step_dirs(out / "checkpoints") if resume else []
+    if dirs:
+        if json.loads((dirs[-1] / "config.json").read_text())["model"] != cfg.to_json()["model"]:
+            raise RunError(f"--resume: the model config differs from the one saved in {dirs[-1]}")
+        try:
+            state = checkpoint.restore(dirs[-1], model, ema, opt)
+        except checkpoint.CheckpointError as e:
+            raise RunError(f"--resume: {e}") from None
+        step, spent = state["step"], state.get("clock", spent)
     if rt.is_main:
         (out / "config.json").write_text(json.dumps(cfg.to_json(), indent=1))
-    stream = datasources.make_stream(cfg, tok, layout_of(cfg.model))  # the worlds, or real data (data.world=mix)
+    stream = make_stream(cfg, tok, Layout.for_model(cfg.model))  # the worlds, or real data (data.world=mix)
     vae = VAEEncoder(t.vae, dev) if cfg.model.variant.startswith("vae") else None
-    log = distributed.main_file(out / "log.jsonl")  # rank 0 writes, the others write nowhere
+
+    def next_batch(step):
+        batch = local_batch(stream, step, t.batch_size, t.seed, dev)  # this rank's share
+        if vae is not None and batch["is_gen"].any():
+            batch["gen_x"] = vae(batch["images"])
+        return batch
+
+    precision, why = runtime.choose_precision(t.precision, dev, _step_timer(cfg, model, stream, vae, step, dev))
+    log = runtime.main_file(out / "log.jsonl")  # rank 0 writes, the others write nowhere
     if init_report is not None and step == 0:
         log.write(json.dumps({"init": t.init, **{k: len(v) for k, v in init_report.items()}}) + "\n")
+    log.write(json.dumps({"precision": precision, "why": why, "from_step": step}) + "\n")
+    if rt.is_main and progress:
+        tqdm.write(f"precision: {precision} ({why})")
 
     def save():
-        if rt.world > 1:  # sharded step folder (distributed.py), EMA exported as one safetensors file
-            distributed.save(out / "checkpoints", step, model, ema, opt, cfg.to_json(), keep=t.keep)
-            return
-        state = {"model": model.state_dict(), "ema": ema.state_dict(), "optim": opt.state_dict(),
-                 "step": step, "rng": torch.get_rng_state(), "clock": clock()}
-        checkpoint.save(out / "checkpoints", step, state, cfg.to_json(), weights=ema.state_dict(), keep=t.keep)
+        checkpoint.save(out / "checkpoints", step, model, ema, opt, cfg.to_json(), keep=t.keep,
+                        extra={"clock": clock()} if rt.world == 1 else None)
 
     start_time, start_cpu, last = time.time(), time.process_time(), {}
 
@@ -271,19 +277,17 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
             if minutes is not None and time.time() - start_time > minutes * 60:
                 break
             t0 = time.time()
-            batch = distributed.local_batch(stream, step, t.batch_size, t.seed, dev)  # this rank's share
-            if vae is not None and batch["is_gen"].any():
-                batch["gen_x"] = vae(batch["images"])
+            batch = next_batch(step)
             for g in opt.param_groups:
                 g["lr"] = cfg.optim.lr * g["lr_mult"] * lr_factor(step, cfg)
-            with autocast(t.precision, dev):
+            with runtime.autocast(precision, dev):
                 losses = model(batch)
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()
-            gnorm = distributed.clip_grad_norm_(model.parameters(), cfg.optim.clip)
+            gnorm = runtime.clip_grad_norm_(model.parameters(), cfg.optim.clip)
             opt.step()
             model.update_ema_encoder()
-            ema_update(ema, model, min(t.ema, (1 + step) / (10 + step)))  # warmup: early weights fade fast
+            update_weight_ema(ema, model, min(t.ema, (1 + step) / (10 + step)))  # warmup: early weights fade fast
             step += 1
             n_tok = int((batch["kind"] != 0).sum())
             tokens_seen += n_tok
@@ -293,7 +297,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
                 now = time.time()
                 row = {"step": step, "lr": opt.param_groups[0]["lr"] / opt.param_groups[0]["lr_mult"],
                        "grad_norm": float(gnorm), "step_time": now - t0, "tokens_per_s": window_tok / (now - window_t)}
-                row.update(distributed.mean_over_ranks(losses))
+                row.update(runtime.mean_over_ranks(losses))
                 row.update(getattr(stream, "log_stats", dict)())  # real data: samples skipped, per reason
                 log.write(json.dumps(row) + "\n")
                 log.flush()
@@ -301,7 +305,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
                 last = row
                 bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in row.items()
                                  if k.startswith("loss")} | {"tok/s": f"{row['tokens_per_s']:.0f}"})
-            stopped = distributed.any_rank(got[0] is not None, dev)  # every rank stops at the same step
+            stopped = runtime.any_rank(got[0] is not None, dev)  # every rank stops at the same step
             if stopped:
                 break  # saved below
             if step % t.ckpt_every == 0 and step < t.steps:
@@ -315,7 +319,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
                       f"continue with: repforce train --out {out} --resume", got[0] or signal.SIGTERM)
     wall = time.time() - start_time
     return {"step": step, **clock(), "threads": torch.get_num_threads(), "tokens_per_s": tokens_seen / max(wall, 1e-9),
-            "last": last, "run": str(out)}
+            "precision": precision, "last": last, "run": str(out)}
 
 
 def load_run_config(out: Path) -> Config:
@@ -325,4 +329,74 @@ def load_run_config(out: Path) -> Config:
     return Config.from_json(json.loads(path.read_text()))
 
 
-__all__ = ["train", "load_run_config", "RunError", "Stopped", "ConfigError", "lr_factor", "param_groups", "ema_update"]
+def _step_timer(cfg: Config, model: RFModel, stream, vae, step: int, device: torch.device):
+    """One training step's forward and backward on this rank's batch of `step`, run on a copy of the
+    model (a fresh unsharded one under torchrun): the precision probe. Leaves the run's model, its
+    gradients and the RNG as they were; built on first use, so an explicit precision costs nothing."""
+    made: dict = {}
+
+    def work():
+        with torch.random.fork_rng(devices=[]):
+            if not made:
+                made["model"] = copy.deepcopy(model) if runtime.world_size() == 1 else RFModel(cfg.model).to(device)
+                batch = stream.batch(step, cfg.train.batch_size, runtime.rank(), runtime.world_size())
+                made["batch"] = {k: v.to(device) for k, v in batch.items()}
+                if vae is not None and made["batch"]["is_gen"].any():
+                    made["batch"]["gen_x"] = vae(made["batch"]["images"])
+            made["model"](made["batch"])["loss"].backward()
+    return work
+
+
+# ----------------------------------------------------------------------------- the VAE of the vae variants
+
+
+def _images(data: DataConfig, start: int, n: int) -> torch.Tensor:
+    arr = np.stack([sample_at(data, start + i, gen_fraction=1.0).image for i in range(n)])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1  # (n, 3, H, W)
+
+
+def train_vae(out: str | Path, steps: int = 2000, batch_size: int = 32, lr: float = 1e-3, kl_weight: float = 1e-6,
+              canvas: int = 32, seed: int = 0, progress: bool = True, data: DataConfig | None = None) -> dict:
+    """Train the VAE on the world's generation images; save it with its latent scaling.
+
+    data: the run's data config (world, composites, ...); its canvas and seed are set here."""
+    out = Path(out)
+    if steps < 1:
+        raise ValueError(f"steps={steps}: must be >= 1")
+    torch.manual_seed(seed)
+    data = replace(data or DataConfig(), canvas=canvas)
+    train_data = replace(data, seed=seed + 7919)  # its own slice of the train stream
+    vae = make_vae(canvas=canvas)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    t0 = time.time()
+    bar = tqdm(range(steps), disable=not progress, desc="vae", dynamic_ncols=True)
+    for step in bar:
+        x = _images(train_data, step * batch_size, batch_size)
+        post = vae.encode(x).latent_dist
+        with runtime.autocast("auto", torch.device("cpu")):  # bf16 only where it is fast: emulated bf16 is ~100x slower
+            recon = vae.decode(post.sample()).sample
+        rec = F.mse_loss(recon.float(), x)
+        kl = post.kl().mean() / x[0].numel()
+        loss = rec + kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, 0.5 * (1 + np.cos(np.pi * step / steps)) + 0.05)
+        if step % 20 == 0:
+            bar.set_postfix(mse=f"{rec.item():.4f}")
+    wall = time.time() - t0
+    vae.eval()
+    with torch.no_grad():
+        held = _images(replace(data, seed=seed + 104729), 0, 256)
+        z = vae.encode(held).latent_dist.mean
+        shift, scale = float(z.mean()), float(1.0 / z.std())
+        vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+        recon = decode(vae, encode(vae, held))
+        mse = float(F.mse_loss(recon, held))
+    psnr = 10 * np.log10(4.0 / mse)  # peak-to-peak 2 in [-1, 1]
+    vae.save_pretrained(str(out))
+    meta = {"world": data.world, "steps": steps, "batch_size": batch_size, "wall_s": wall, "heldout_mse": mse, "psnr_db": psnr,
+            "shift_factor": shift, "scaling_factor": scale, "params": sum(p.numel() for p in vae.parameters())}
+    (out / "vae_meta.json").write_text(json.dumps(meta, indent=1))
+    return meta

@@ -1,5 +1,5 @@
 """Scale presets (meta-device builds, parameter counts, stages) and the GPU benchmark's CPU smoke run.
-Run: pytest tests/test_scale.py"""
+Run: pytest tests/test_presets.py"""
 
 import json
 import subprocess
@@ -8,33 +8,34 @@ from dataclasses import replace
 from pathlib import Path
 
 from repforce import config as C
-from repforce import scale
+from repforce import presets
+from repforce.presets import preset
 
 
 def test_presets_build_on_meta_with_expected_counts():
-    big = scale.count_params(C.preset("scale_s2"))
+    big = presets.count_params(preset("scale_s2"))
     assert 3.0e9 < big["active"] < 3.6e9  # Qwen3-30B-A3B: 3.3B activated
     assert 85e9 < big["backbone"] < 92e9  # 30.5B with its expert banks in three MoT copies
     assert 0.8e9 < big["encoder"] < 0.9e9  # DINOv3 ViT-H+/16: 840M
-    small = scale.count_params(C.preset("scale_small_s2"))
+    small = presets.count_params(preset("scale_small_s2"))
     assert 0.55e9 < small["active"] < 0.65e9 and 1.0e9 < small["backbone"] < 1.3e9
     assert 0.02e9 < small["encoder"] < 0.025e9  # ViT-S/16: 21.6M
-    s1 = C.preset("scale_s1", "vlm")
-    assert 29e9 < scale.count_params(s1)["backbone"] < 31.5e9  # one expert: the LLM itself
-    m = C.preset("scale_s2").model
+    s1 = preset("scale_s1", "vlm")
+    assert 29e9 < presets.count_params(s1)["backbone"] < 31.5e9  # one expert: the LLM itself
+    m = preset("scale_s2").model
     assert (m.codebook_size, m.gen_patch, m.enc_patch, m.rep_pool, m.n_gen, m.n_rep) == (16384, 16, 16, 2, 256, 64)
-    assert C.preset("scale_s3").model.image_size > m.image_size
+    assert preset("scale_s3").model.image_size > m.image_size
     assert replace(m, vocab_size=10).vocab_size == 10  # frozen, replaceable like every ModelConfig
 
 
 def test_stages_follow_the_recipe():
-    s1, s2, s3 = (C.preset(f"scale_small_s{n}", "vlm" if n == 1 else "pixel_rf") for n in (1, 2, 3))
+    s1, s2, s3 = (preset(f"scale_small_s{n}", "vlm" if n == 1 else "pixel_rf") for n in (1, 2, 3))
     assert s1.model.variant == "vlm" and s1.train.train_only == "connector." and s1.data.gen_fraction == 0
     assert s2.optim.lr == 5e-5 and s3.optim.lr == 2.5e-5 and s2.optim.gen_lr_mult == 4.0
     assert s2.train.train_only == "" and s3.model.image_size > s2.model.image_size
     assert s2.optim.betas == (0.9, 0.95) and s2.optim.weight_decay == 0.1 and s2.optim.clip == 1.0
     assert all(s.train.meta_init and s.data.world == "mix" for s in (s1, s2, s3))
-    assert C.preset("scale_s3").model.image_size == 1024  # the paper's last stage
+    assert preset("scale_s3").model.image_size == 1024  # the paper's last stage
 
 
 def test_gpu_benchmark_smoke_runs_on_cpu():
@@ -52,24 +53,24 @@ def test_three_stages_chain_on_cpu(tmp_path):
     import torch
 
     from repforce import checkpoint
-    from repforce.rf import RFModel
+    from repforce.model import RFModel
     from repforce.train import train
 
     base = ["train.log_every=1", "train.ckpt_every=100", "optim.warmup=0"]
-    s1 = C.override(C.preset("tiny", "vlm"), base + ["train.steps=3", "train.train_only=connector."])
+    s1 = C.override(preset("tiny", "vlm"), base + ["train.steps=3", "train.train_only=connector."])
     train(s1, tmp_path / "s1", progress=False)
-    state, saved = checkpoint.load(tmp_path / "s1")
+    state, saved = checkpoint.read(tmp_path / "s1")
     torch.manual_seed(s1.train.seed)
     fresh = RFModel(C.Config.from_json(saved).model).state_dict()
     moved = {k for k, v in state["model"].items() if not torch.equal(v, fresh[k])}
     assert moved and all(k.startswith("connector.") for k in moved), moved
 
-    s2 = C.override(C.preset("tiny", "pixel_rf"), base + ["train.steps=2", f"train.init={tmp_path / 's1'}"])
+    s2 = C.override(preset("tiny", "pixel_rf"), base + ["train.steps=2", f"train.init={tmp_path / 's1'}"])
     train(s2, tmp_path / "s2", progress=False)
     info = json.loads((tmp_path / "s2" / "log.jsonl").read_text().splitlines()[0])
     assert info["copied"] > 0 and info["loaded"] > 0  # generation experts start as the understanding expert
 
-    s3 = C.override(C.preset("tiny", "pixel_rf"), base + [
+    s3 = C.override(preset("tiny", "pixel_rf"), base + [
         "train.steps=2", f"train.init={tmp_path / 's2'}", "model.image_size=64", "model.gen_size=64",
         "data.canvas=64", "optim.lr=1e-4"])
     train(s3, tmp_path / "s3", progress=False)

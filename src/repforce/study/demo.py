@@ -2,7 +2,7 @@
 
     repforce demo --minutes 10 --out runs/demo
 
-Protocol of DESIGN.md: a short `vlm` stage (understanding only), then `pixel_rf` from
+Protocol of docs/DESIGN.md: a short `vlm` stage (understanding only), then `pixel_rf` from
 it, on a fresh machine with nothing downloaded. Training stops on wall time (constant
 learning rate after warmup, EMA with warmup, so any stopping point is a usable model).
 Then the EMA model draws a ShapesEval subset (the first `per_category` prompts of each
@@ -18,11 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-from . import config as C
-from . import evaluate, shapeseval
-from .engine import GenOptions, load
+from ..config import override, validate
+from ..engine import GenOptions, load
+from ..presets import preset as make_preset
+from ..train import RunError, train
+from ..worlds import shapeseval
+from . import evaluate
 from .report import prototype_colors, rep_map, write_report
-from .train import RunError, train
 
 SPLIT = {"vlm": 0.22, "pixel_rf": 0.72}  # shares of the budget; the rest is evaluation and the report
 
@@ -39,10 +41,10 @@ def demo(out: str | Path = "runs/demo", minutes: float = 10.0, preset: str = "sh
     common = ["optim.schedule=constant", "train.steps=1000000", "train.ckpt_every=1000000", f"train.seed={seed}",
               f"data.seed={seed}", *overrides]
     walls = {}
-    vlm_cfg = C.validate(C.override(C.preset(preset, "vlm"), common))
+    vlm_cfg = validate(override(make_preset(preset, "vlm"), common))
     s = train(vlm_cfg, out / "vlm", progress=progress, minutes=minutes * SPLIT["vlm"])
     walls["vlm"] = s["wall_s"]
-    rf_cfg = C.validate(C.override(C.preset(preset, "pixel_rf"), common + [f"train.init={out / 'vlm'}"]))
+    rf_cfg = validate(override(make_preset(preset, "pixel_rf"), common + [f"train.init={out / 'vlm'}"]))
     s_rf = train(rf_cfg, out / "pixel_rf", progress=progress, minutes=minutes * SPLIT["pixel_rf"])
     walls["pixel_rf"] = s_rf["wall_s"]
 

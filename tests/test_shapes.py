@@ -3,7 +3,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from repforce import world
+from repforce.worlds import shapes as world
 
 
 def _digest(scene):

@@ -14,8 +14,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from . import metrics, shapeseval, world
-from .engine import Engine, GenOptions
+from ..engine import Engine, GenOptions
+from ..worlds import fashion as fm
+from ..worlds import metrics, shapes, shapeseval
 
 
 def write_shapeseval(engine: Engine, out: str | Path, n: int = 4, options: GenOptions | None = None, seed: int = 0,
@@ -49,7 +50,7 @@ def vqa(engine: Engine, n: int = 200, canvas: int = 32, batch_size: int = 50) ->
     preds: list[str] = []
     for s in range(0, n, batch_size):
         chunk = items[s:s + batch_size]
-        preds += engine.answer([world.render(sc) for sc, _, _ in chunk], [q for _, q, _ in chunk], max_new_tokens=8)
+        preds += engine.answer([shapes.render(sc) for sc, _, _ in chunk], [q for _, q, _ in chunk], max_new_tokens=8)
     truths = [a for _, _, a in items]
     kinds: dict[str, list[bool]] = {}
     for (_, q, a), p in zip(items, preds):
@@ -62,15 +63,13 @@ def vqa(engine: Engine, n: int = 200, canvas: int = 32, batch_size: int = 50) ->
 
 def captions(engine: Engine, n: int = 100, canvas: int = 32) -> dict:
     items = metrics.heldout_captions(n, canvas)
-    preds = engine.caption([world.render(s) for s, _ in items], max_new_tokens=40)
+    preds = engine.caption([shapes.render(s) for s, _ in items], max_new_tokens=40)
     return {"exact_match": metrics.caption_exact_match(preds, [c for _, c in items]), "n": n,
             "examples": [{"truth": c, "pred": p} for (_, c), p in list(zip(items, preds))[:6]]}
 
 
 def fashion_vqa(engine: Engine, n: int = 500, root: str | Path | None = None) -> float:
     """Exact-match accuracy of "what is this?" on the first n Fashion-MNIST test images."""
-    from . import fashion as fm
-
     x_te, y_te = fm.load_split("test", root or fm.DEFAULT_ROOT)
     imgs = [fm.to_canvas(im, engine.cfg.image_size) for im in x_te[:n]]
     preds = []
@@ -87,8 +86,6 @@ def fashion(engine: Engine, n_per_class: int = 20, options: GenOptions | None = 
     With n_pairs, also n_per_pair composites for each of n_pairs two-item prompts ("a bag to the
     left of a sandal"), scored for both items in order, beside the judge's ceiling on real ones.
     Returns the scores, the class images (class-major) and the composite images (pair-major) or None."""
-    from . import fashion as fm
-
     root = root or fm.DEFAULT_ROOT
     judge, meta = fm.load_judge(judge_dir) if judge_dir else fm.load_judge()
     arr, _ = engine.generate_arrays(fm.prompts(), n_per_class, seed, options)

@@ -284,7 +284,3 @@ def questions(scene: Scene) -> list[tuple[str, str]]:
         color, shape = absent[k]
         qa.append((f"is there a {color} {shape}?", "no"))
     return qa
-
-
-def caption_question() -> str:
-    return "describe the image."

@@ -6,7 +6,7 @@
     repforce study ablation --budget full --extra pixel_rf_K64_s1   # another seed of a planned run
     repforce study report                       # rebuild docs/RESULTS.md from docs/results/*/*.json
 
-Protocol (DESIGN.md): one `vlm` run shared by every variant, one VAE for the `vae`
+Protocol (docs/DESIGN.md): one `vlm` run shared by every variant, one VAE for the `vae`
 variants (its cost reported apart), then every variant from the same vlm weights with
 the same data, steps and batch. The four main variants run with several seeds; REPA,
 continuous tokens and the codebook sweep with one, unless the budget seeds them too (the
@@ -30,10 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from . import config as C
-from . import evaluate, shapeseval
-from .engine import GenOptions, load
+from ..config import override, validate
+from ..engine import GenOptions, load
+from ..presets import preset
+from ..train import train, train_vae
+from ..worlds import shapeseval
+from . import evaluate
 from .report import read_log
 
 PER_PAIR = 4  # Fashion-MNIST composites: images per two-item prompt
@@ -149,14 +153,12 @@ def evaluate_run(eng, b: Budget, out: Path, world: str, progress: bool) -> tuple
 
 def run_one(spec: dict, b: Budget, root: Path, results: Path, vlm: Path, vae: Path, progress: bool,
             world: str = "shapes") -> dict:
-    from .train import train
-
     out = root / spec["name"]
     sets = [*b.overrides, *world_sets(world, b), f"train.steps={b.steps}", f"train.batch_size={b.batch_size}", f"train.seed={spec['seed']}",
             f"train.init={vlm}", f"train.ckpt_every={max(50, b.steps // 4)}", "train.keep=1", *spec["sets"]]
     if spec["variant"].startswith("vae"):
         sets.append(f"train.vae={vae}")
-    cfg = C.validate(C.override(C.preset(b.preset, spec["variant"]), sets))
+    cfg = validate(override(preset(b.preset, spec["variant"]), sets))
     resume = out.exists() and (out / "checkpoints").exists()
     summary = train(cfg, out, resume=resume, progress=progress)
     eng = load(out)
@@ -175,7 +177,6 @@ def run_one(spec: dict, b: Budget, root: Path, results: Path, vlm: Path, vae: Pa
 
 def save_grid(image_rows: list[list[np.ndarray]], path: Path, width: int = 8) -> None:
     """A PNG of rows of images (H, W, 3) uint8, each row padded to `width` with white, 3x nearest upscaled."""
-    from PIL import Image
 
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -191,9 +192,6 @@ def ablation(budget: str = "quick", root: str | Path = "runs/study", results: st
              extra: list[str] | None = None) -> list[dict]:
     """Train and score the study's runs that are not recorded yet: all of them, or those named in `only` (planned
     runs, vlm, vae) and `extra` (other seeds of planned runs, see extra_run)."""
-    from .train import train
-    from .vae import train_vae
-
     b = BUDGETS[budget]
     if world not in WORLDS:
         raise StudyError(f"world={world!r}: must be one of {WORLDS}")
@@ -215,7 +213,7 @@ def ablation(budget: str = "quick", root: str | Path = "runs/study", results: st
                 raise StudyError(f"only={named}: {users[0]['name']} needs the study's {shared}, which is not recorded "
                                  f"yet; name {shared} too, or run it first with --only {shared}")
     if not (results / "vlm.json").exists() and (only is None or "vlm" in only):
-        cfg = C.validate(C.override(C.preset(b.preset, "vlm"), [*b.overrides, *world_sets(world, b),
+        cfg = validate(override(preset(b.preset, "vlm"), [*b.overrides, *world_sets(world, b),
                                                                   f"train.steps={b.vlm_steps}",
                                                                   f"train.batch_size={b.batch_size}"]))
         s = train(cfg, vlm, resume=(vlm / "checkpoints").exists(), progress=progress)
@@ -231,7 +229,7 @@ def ablation(budget: str = "quick", root: str | Path = "runs/study", results: st
                                                       "steps": s["step"], "curves": curves(vlm),
                                                       "config": cfg.to_json(), "commit": git_commit()}, indent=1))
     if not (results / "vae.json").exists() and (only is None or "vae" in only):
-        data = C.override(C.preset(b.preset, "pixel"), world_sets(world, b)).data  # the variants' world
+        data = override(preset(b.preset, "pixel"), world_sets(world, b)).data  # the variants' world
         meta = train_vae(vae, steps=b.vae_steps, batch_size=b.batch_size, progress=progress, data=data)
         (results / "vae.json").write_text(json.dumps({"name": "vae", **meta, "commit": git_commit()}, indent=1))
     done = []

@@ -13,7 +13,7 @@ square, triangle, drawn in the component's box) with the highest IoU, and the ce
 is the mean pixel position. Rules follow GenEval: an `include` needs at least `count`
 matching objects (shape, and color when given), an `exclude` fails at `count` or more
 (so counting is exact), and a position prompt needs some pair that stands in the
-relation by at least world.relation_margin along its axis.
+relation by at least shapes.relation_margin along its axis.
 
 Folder layout (the contract the generator writes to, as GenEval's):
 
@@ -35,8 +35,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from scipy import ndimage
 
-from . import world
-from .world import COLORS, NUMBER_WORDS, PALETTE, RELATIONS, SHAPES
+from . import shapes
+from .shapes import COLORS, NUMBER_WORDS, PALETTE, RELATIONS, SHAPES
 
 PROMPTS_VERSION = "shapeseval-v1"
 PROMPT_SEED = 20260528
@@ -133,19 +133,19 @@ def sample_prompt(rng: np.random.Generator, category: str | None = None) -> Prom
     return Prompt(-1, cat, text, inc, exc, rel)
 
 
-def scene_for_prompt(prompt: Prompt, seed: int, canvas: int = 32) -> world.Scene:
+def scene_for_prompt(prompt: Prompt, seed: int, canvas: int = 32) -> shapes.Scene:
     """A scene that satisfies the prompt exactly, its open attributes drawn from the seed."""
     rng = np.random.default_rng(seed)
     specs = []
     for req in prompt.include:
         specs += [{"shape": req["shape"], "color": req.get("color")} for _ in range(req["count"])]
     relation = (prompt.relation, 0, 1) if prompt.relation else None
-    return world.make_scene(rng, specs, canvas, seed, relation)
+    return shapes.make_scene(rng, specs, canvas, seed, relation)
 
 
 def truth_seed(prompt: Prompt, k: int) -> int:
     """Held-out seed of the k-th ground-truth image of a prompt."""
-    return world.scene_seed("heldout", (zlib.crc32(f"{PROMPTS_VERSION}/{prompt.index}".encode()) * 64 + k) % 2**31)
+    return shapes.scene_seed("heldout", (zlib.crc32(f"{PROMPTS_VERSION}/{prompt.index}".encode()) * 64 + k) % 2**31)
 
 
 # ----------------------------------------------------------------------------- judge
@@ -165,7 +165,7 @@ class Detection:
                 "area": self.area, "iou": round(self.iou, 3)}
 
 
-_REFS = np.array([PALETTE[c] for c in COLORS] + [world.BACKGROUND], np.float32)  # (7, 3)
+_REFS = np.array([PALETTE[c] for c in COLORS] + [shapes.BACKGROUND], np.float32)  # (7, 3)
 _BG = len(COLORS)  # label of the background
 
 
@@ -185,7 +185,7 @@ def fit_shape(alpha: np.ndarray) -> tuple[str, float, float, float]:
     for shape in SHAPES:
         side = float(sides[shape])
         box_cy = cy - side / 6 if shape == "triangle" else cy  # a triangle's centroid sits 2/3 down its box
-        cov = world.coverage(shape, cx, box_cy, side, max(h, w))[:h, :w]
+        cov = shapes.coverage(shape, cx, box_cy, side, max(h, w))[:h, :w]
         iou = float(np.minimum(alpha, cov).sum() / max(np.maximum(alpha, cov).sum(), 1e-6))
         if iou > best_iou:
             best, best_iou = shape, iou
@@ -199,7 +199,7 @@ def parse(img: np.ndarray) -> list[Detection]:
     d = np.linalg.norm(x[:, :, None, :] - _REFS[None, None], axis=-1)  # (H, W, 7)
     label = d.argmin(-1)
     label[d.min(-1) > COLOR_TOL] = -1
-    min_area = MIN_AREA_FRAC * (world.SIZES["small"] * min(h, w)) ** 2
+    min_area = MIN_AREA_FRAC * (shapes.SIZES["small"] * min(h, w)) ** 2
     bg = _REFS[_BG]
     dets = []
     for ci, color in enumerate(COLORS):
@@ -239,8 +239,8 @@ def judge(prompt: Prompt, dets: list[Detection], canvas: int) -> tuple[bool, str
     if prompt.relation:
         a = [d for d in dets if _matches(d, prompt.include[0])]
         b = [d for d in dets if _matches(d, prompt.include[1])]
-        margin = world.relation_margin(canvas)
-        if not any(world.relation_holds(prompt.relation, (p.cx, p.cy), (q.cx, q.cy), margin) for p in a for q in b):
+        margin = shapes.relation_margin(canvas)
+        if not any(shapes.relation_holds(prompt.relation, (p.cx, p.cy), (q.cx, q.cy), margin) for p in a for q in b):
             return False, f"no {prompt.include[0]['shape']} {prompt.relation} a {prompt.include[1]['shape']}"
     return True, "ok"
 
@@ -255,7 +255,7 @@ def write_truth(out: Path, n: int = 4, canvas: int = 32, per_category: int = PER
         (folder / "samples").mkdir(parents=True, exist_ok=True)
         (folder / "metadata.json").write_text(json.dumps(p.to_json()))
         for k in range(n):
-            img = world.render(scene_for_prompt(p, truth_seed(p, k), canvas))
+            img = shapes.render(scene_for_prompt(p, truth_seed(p, k), canvas))
             Image.fromarray(img).save(folder / "samples" / f"{k:04d}.png")
 
 
@@ -289,7 +289,7 @@ def _load(path: Path, canvas: int) -> tuple[np.ndarray | None, str | None]:
             if size != (canvas, canvas):
                 return None, "wrong_size"
             if mode == "RGBA":
-                bg = Image.new("RGBA", size, world.BACKGROUND + (255,))
+                bg = Image.new("RGBA", size, shapes.BACKGROUND + (255,))
                 im = Image.alpha_composite(bg, im)
             return np.asarray(im.convert("RGB")), None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
@@ -310,7 +310,7 @@ def evaluate(folder: Path, n: int = 4, canvas: int = 32, per_category: int = PER
             problems["extra"].append(str(child))
     if not any((folder / name).is_dir() for name in known):
         raise EvalError(f"{folder} holds none of the {len(plist)} prompt folders (00000 ..); "
-                        "see the layout in repforce.shapeseval")
+                        "see the layout in repforce.worlds.shapeseval")
     rows, per_cat = [], {c: [] for c in CATEGORIES}
     for p in plist:
         pdir = folder / f"{p.index:05d}"

@@ -1,12 +1,15 @@
-"""The paper's recipe at scale: presets per model size and training stage, and parameter counts.
+"""Presets: functions returning a Config, from the tests' tiny model to the paper's recipe at scale.
 
+    cfg = preset("shapes", variant="pixel_rf")        # what `repforce train --preset shapes` runs
     repforce train --preset scale_small_s1 --variant vlm --set train.llm=/ckpt/Qwen3-0.6B \\
         --set train.vision=/ckpt/dinov3-vits16 --set 'mix.sources=[...]' --out runs/s1
 
-Two sizes, each in three stages (DESIGN.md section 3, "Recipe at scale"):
-
+    tiny         seconds per step on a laptop CPU: for tests
+    shapes       the real small run of the shapes world (about 10M parameters, 32x32 images)
     scale        Qwen3-30B-A3B (MoE, 3B active) + DINOv3 ViT-H+/16, K = 16,384   (the paper's)
     scale_small  Qwen3-0.6B (dense) + DINOv3 ViT-S/16, K = 16,384                (one GPU)
+
+The scale sizes come in three stages (docs/DESIGN.md section 3, "Recipe at scale"):
 
     stage 1  `vlm`: only the connector trains (encoder and LLM frozen), understanding data, 256 px
     stage 2  the method (pixel_rf, or any variant): everything trains jointly at 256 px, lr 5e-5,
@@ -14,24 +17,57 @@ Two sizes, each in three stages (DESIGN.md section 3, "Recipe at scale"):
     stage 3  the same at higher resolution (1024 px for scale as in the paper, 512 for
              scale_small), lr 2.5e-5; starts from stage 2, its learned position tables resized
 
-Geometry: 16-px pixel patches and a 16-px encoder, 2 x 2 pooling, so a 256-px image is
-256 pixel tokens and 64 rep tokens. The architecture fields are those of the published
+Geometry at scale: 16-px pixel patches and a 16-px encoder, 2 x 2 pooling, so a 256-px image
+is 256 pixel tokens and 64 rep tokens. The architecture fields are those of the published
 checkpoints; when train.llm / train.vision name local folders, their own config.json
-overrides them (pretrained.resolve), so another Qwen3 size or a SigLIP2 tower works
-with the same presets. Every preset builds on the meta device (`count_params`).
+overrides them (pretrained.config_for_folders), so another Qwen3 size or a SigLIP2 tower
+works with the same presets. `python -m repforce.presets` prints their parameter counts
+(built on the meta device, model.count_params).
 """
 
 from __future__ import annotations
 
 import json
 
-import torch
-
-from .config import Config, OptimConfig, TrainConfig
-from .datasources import MixConfig
+from .config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    MixConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    with_variant,
+)
+from .model import count_params
 from .pretrained import encoder_fields
-from .rf import ModelConfig
-from .sequence import DataConfig
+
+# ----------------------------------------------------------------------------- small worlds
+
+
+def preset_tiny() -> Config:
+    """Seconds per step on a laptop CPU: for tests."""
+    model = ModelConfig(dim=64, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=32, ffn_hidden=128, enc_dim=48,
+                        enc_layers=1, enc_heads=2, codebook_size=32, cont_width=32, cont_depth=1, repa_layer=0,
+                        rep_dead_after=20)
+    return Config(model, DataConfig(), OptimConfig(lr=3e-3, warmup=5),
+                  TrainConfig(steps=40, batch_size=8, log_every=5, ckpt_every=20, ema=0.9,
+                              precision="fp32"))  # tests compare numbers: the same on every CPU
+
+
+def preset_shapes() -> Config:
+    """The real small run of the shapes world: about 10M parameters (6M active per token), 32x32 images."""
+    model = ModelConfig(dim=256, n_layers=5, n_heads=4, n_kv_heads=2, head_dim=64, ffn_hidden=576, enc_dim=192,
+                        enc_layers=4, enc_heads=3, codebook_size=256, repa_layer=2,
+                        # stable, broad targets on a small batch of mostly empty canvases (quantizer.py docstring)
+                        rep_init="data", rep_balance_stats="running", rep_momentum=0.999, rep_dead_after=0,
+                        # targets from the stage-1 (vlm) encoder, frozen: with any EMA (0.999, 0.9999) this small,
+                        # still-learning encoder drifts, prototypes it leaves die, and codebook use narrows (docs/results/findings.md)
+                        encoder_ema=1.0)
+    return Config(model, DataConfig(), OptimConfig(lr=1e-3, warmup=200), TrainConfig(steps=2000, batch_size=32))
+
+
+# ----------------------------------------------------------------------------- the paper's recipe at scale
 
 # published configurations (config.json of the Hugging Face releases), as ModelConfig fields
 QWEN3_30B_A3B = dict(dim=2048, n_layers=48, n_heads=32, n_kv_heads=4, head_dim=128, ffn_hidden=768, norm_eps=1e-6,
@@ -101,42 +137,18 @@ def scale_small_s3() -> Config:
     return _preset(QWEN3_0_6B, DINOV3_VITS16, 3, 16, 512)
 
 
-# ----------------------------------------------------------------------------- parameter counts
+PRESETS = {"tiny": preset_tiny, "shapes": preset_shapes, "scale_s1": scale_s1, "scale_s2": scale_s2,
+           "scale_s3": scale_s3, "scale_small_s1": scale_small_s1, "scale_small_s2": scale_small_s2,
+           "scale_small_s3": scale_small_s3}
 
 
-def count_params(cfg: ModelConfig | Config) -> dict[str, int]:
-    """Parameter counts of a model built on the meta device (no memory):
-
-    total      every parameter, the EMA encoder included
-    no_ema     total minus the EMA encoder (a copy updated by EMA, never by the optimizer)
-    backbone   the MoT transformer (embeddings included); encoder: the image encoder
-    active     the backbone parameters one token uses, counted as Qwen3 counts "activated"
-               parameters (embedding and LM head whole): per layer attention, norms and one
-               MoT expert, which for MoE is its router and top_k of its routed experts
-    """
-    from .rf import RFModel
-
-    m = cfg.model if isinstance(cfg, Config) else cfg
-    with torch.device("meta"):
-        model = RFModel(m)
-    n = {name: p.numel() for name, p in model.named_parameters()}
-    total = sum(n.values())
-    ema = sum(v for k, v in n.items() if k.startswith("ema_encoder."))
-    backbone = sum(v for k, v in n.items() if k.startswith("backbone."))
-    ffn = sum(v for k, v in n.items() if k.startswith("backbone.") and ".mlp.experts." in k)
-    per_expert = ffn // m.n_experts  # one MoT expert over all layers
-    if m.moe_experts:
-        router = m.n_layers * m.moe_experts * m.dim
-        per_expert = router + (per_expert - router) * m.moe_top_k // m.moe_experts
-    head = 0 if m.tie_embeddings else n.get("lm_head.weight", 0)
-    active = backbone - ffn + per_expert + head
-    return {"total": total, "no_ema": total - ema, "backbone": backbone, "encoder": sum(
-        v for k, v in n.items() if k.startswith("encoder.")), "active": active}
+def preset(name: str, variant: str = "pixel_rf") -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"preset={name!r}: must be one of {tuple(PRESETS)}")
+    return with_variant(PRESETS[name](), variant)
 
 
-if __name__ == "__main__":  # python -m repforce.scale: parameter counts of the presets (meta device, seconds)
-    from .config import with_variant
-
+if __name__ == "__main__":  # python -m repforce.presets: parameter counts of the scale presets (meta device, seconds)
     for name in ("scale_s1", "scale_s2", "scale_small_s1", "scale_small_s2"):
-        cfg = with_variant(globals()[name](), "vlm" if name.endswith("s1") else "pixel_rf")
+        cfg = preset(name, "vlm" if name.endswith("s1") else "pixel_rf")
         print(json.dumps({"preset": name, **count_params(cfg)}))

@@ -21,9 +21,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .fashion import CLASSES  # noqa: E402
-from .shapeseval import CATEGORIES  # noqa: E402
-from .study import PER_PAIR, BUDGETS, MAIN, PAPER, plan  # noqa: E402
+from ..worlds.fashion import CLASSES  # noqa: E402
+from ..worlds.shapeseval import CATEGORIES  # noqa: E402
+from .ablation import BUDGETS, MAIN, PAPER, PER_PAIR, plan  # noqa: E402
 
 
 def load_results(folder: Path) -> dict[str, dict]:

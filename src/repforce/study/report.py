@@ -25,7 +25,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from .shapeseval import CATEGORIES  # noqa: E402
+from ..config import DataConfig  # noqa: E402
+from ..data import sample_at  # noqa: E402
+from ..worlds.shapeseval import CATEGORIES  # noqa: E402
 
 
 def png_b64(img: np.ndarray | Image.Image, scale: int = 1) -> str:
@@ -94,8 +96,6 @@ def prototype_colors(engine, n_images: int = 512, seed: int = 12345) -> np.ndarr
 
     Cells come from training-stream images; ids from the EMA encoder and the quantizer's
     current prototypes without updating them. Ids never assigned are drawn mid gray."""
-    from .sequence import DataConfig, sample_at
-
     m, c = engine.model, engine.cfg
     imgs = np.stack([sample_at(DataConfig(seed=seed, canvas=c.image_size), j, gen_fraction=1.0).image
                      for j in range(n_images)])

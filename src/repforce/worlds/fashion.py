@@ -37,6 +37,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from ..sequence import CAPTION_QUESTION, Sample
 
 CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
@@ -44,7 +49,7 @@ FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 JUDGE_VERSION = "fashion-judge-v1"
 PAIR_JUDGE_VERSION = "fashion-pair-judge-v1"  # the judge of half-size items (composites)
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parent.parent / "assets"
 JUDGE_DIR, PAIR_JUDGE_DIR = ASSETS / "fashion_judge", ASSETS / "fashion_pair_judge"  # shipped judges
 QUESTION = "what is this?"
 PAIR_QUESTIONS = ("what is on the left?", "what is on the right?")
@@ -123,7 +128,6 @@ def to_canvas(img: np.ndarray, canvas: int = 32, rgb: bool = True) -> np.ndarray
         out = np.zeros((canvas, canvas), np.uint8)
         out[p:p + img.shape[0], p:p + img.shape[1]] = img
     else:
-        from PIL import Image
 
         out = np.asarray(Image.fromarray(img).resize((canvas, canvas), Image.BICUBIC))
     return _channels(out, rgb)
@@ -136,7 +140,6 @@ def _channels(gray: np.ndarray, rgb: bool) -> np.ndarray:
 
 def pair_canvas(a: np.ndarray, b: np.ndarray, canvas: int = 32, rgb: bool = True) -> np.ndarray:
     """Two 28x28 items side by side on one canvas, each shrunk to canvas/2 and centered vertically."""
-    from PIL import Image
 
     h = canvas // 2
     out = np.zeros((canvas, canvas), np.uint8)
@@ -147,14 +150,12 @@ def pair_canvas(a: np.ndarray, b: np.ndarray, canvas: int = 32, rgb: bool = True
 
 def half_item(img: np.ndarray, h: int) -> np.ndarray:
     """A 28x28 item as the pair judge sees it in a composite: shrunk to h x h, grown back to 28 x 28."""
-    from PIL import Image
 
     return np.asarray(Image.fromarray(img).resize((h, h), Image.LANCZOS).resize((28, 28), Image.BICUBIC))
 
 
 def pair_halves(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Left and right items of composites (N, C, C[, 3]) as judge-sized canvases (N, 32, 32)."""
-    from PIL import Image
 
     x = np.asarray(images)
     x = x.mean(-1).round().astype(np.uint8) if x.ndim == 4 else x
@@ -220,8 +221,6 @@ def corpus() -> list[str]:
 
 def sample(cfg, j: int, gen_fraction: float):
     """Sample j of a run's Fashion-MNIST stream (train split only), as a sequence.Sample."""
-    from .sequence import Sample
-    from .world import caption_question
 
     rng = np.random.default_rng([cfg.seed, j, 1])
     imgs, labels = load_split("train", cfg.fashion_root)
@@ -237,14 +236,14 @@ def sample(cfg, j: int, gen_fraction: float):
             drop_text, drop_rep = rng.random() < cfg.drop_text, rng.random() < cfg.drop_rep
             return Sample(True, image, "" if drop_text else pair_caption(label, right), "", drop_rep)
         if rng.random() < cfg.caption_fraction:
-            return Sample(False, image, caption_question(), pair_caption(label, right))
+            return Sample(False, image, CAPTION_QUESTION, pair_caption(label, right))
         side = int(rng.integers(2))
         return Sample(False, image, PAIR_QUESTIONS[side], CLASSES[(label, right)[side]])
     if rng.random() < gen_fraction:
         drop_text, drop_rep = rng.random() < cfg.drop_text, rng.random() < cfg.drop_rep
         return Sample(True, image, "" if drop_text else caption(label), "", drop_rep)
     if rng.random() < cfg.caption_fraction:
-        return Sample(False, image, caption_question(), caption(label))
+        return Sample(False, image, CAPTION_QUESTION, caption(label))
     return Sample(False, image, QUESTION, CLASSES[label])
 
 
@@ -308,8 +307,6 @@ def train_judge(out: str | Path, root: str | Path = DEFAULT_ROOT, epochs: int = 
 
     item > 0 trains the pair judge: every image is first shrunk to item x item and grown back,
     as the items of a composite on a 2 * item canvas are read (`pair_halves`)."""
-    from safetensors.torch import save_file
-    from tqdm import tqdm
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -356,7 +353,6 @@ def train_judge(out: str | Path, root: str | Path = DEFAULT_ROOT, epochs: int = 
 def load_judge(folder: str | Path = JUDGE_DIR) -> tuple[Judge, dict]:
     """The judge and its metadata; the weights' sha256 must match the recorded one.
     The pair judge (half-size items of composites) is in PAIR_JUDGE_DIR."""
-    from safetensors.torch import load_file
 
     folder = Path(folder)
     weights, meta_path = folder / "judge.safetensors", folder / "judge.json"
@@ -373,7 +369,7 @@ def load_judge(folder: str | Path = JUDGE_DIR) -> tuple[Judge, dict]:
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """Frechet distance between Gaussians fitted to two feature sets (N, D)."""
-    from scipy import linalg
+    from scipy import linalg  # heavy: only for the Frechet distance
 
     mu1, mu2 = a.mean(0), b.mean(0)
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)

@@ -1,6 +1,6 @@
 """Understanding metrics on held-out scenes: VQA exact match and caption exact match.
 
-    from repforce.metrics import heldout_vqa, vqa_accuracy
+    from repforce.worlds.metrics import heldout_vqa, vqa_accuracy
     items = heldout_vqa(200)            # fixed (scene, question, answer) triples
     acc = vqa_accuracy(preds, [a for _, _, a in items])
 
@@ -14,11 +14,11 @@ import re
 
 import numpy as np
 
-from . import world
+from . import shapes
 
 HELDOUT_VQA_START = 1_000_000  # held-out scene indices used for understanding metrics
 _ARTICLES = {"a", "an", "the"}
-_WORDS = {str(i): w for i, w in enumerate(world.NUMBER_WORDS)}
+_WORDS = {str(i): w for i, w in enumerate(shapes.NUMBER_WORDS)}
 
 
 def normalize_answer(text: str) -> str:
@@ -43,21 +43,21 @@ vqa_accuracy = accuracy
 caption_exact_match = accuracy
 
 
-def heldout_vqa(n: int, canvas: int = 32) -> list[tuple[world.Scene, str, str]]:
+def heldout_vqa(n: int, canvas: int = 32) -> list[tuple[shapes.Scene, str, str]]:
     """n fixed (scene, question, answer) triples from the held-out stream, one question
     per scene, picked by the scene's seed among all the questions it supports."""
     out = []
     i = 0
     while len(out) < n:
-        scene = world.sample_scene(world.scene_seed("heldout", HELDOUT_VQA_START + i), canvas)
-        qa = world.questions(scene)
+        scene = shapes.sample_scene(shapes.scene_seed("heldout", HELDOUT_VQA_START + i), canvas)
+        qa = shapes.questions(scene)
         q, a = qa[np.random.default_rng(scene.seed).integers(len(qa))]
         out.append((scene, q, a))
         i += 1
     return out
 
 
-def heldout_captions(n: int, canvas: int = 32) -> list[tuple[world.Scene, str]]:
+def heldout_captions(n: int, canvas: int = 32) -> list[tuple[shapes.Scene, str]]:
     """n fixed (scene, canonical caption) pairs from the held-out stream."""
-    scenes = world.scenes("heldout", HELDOUT_VQA_START + 500_000, n, canvas)
-    return [(s, world.caption(s)) for s in scenes]
+    scenes = shapes.scenes("heldout", HELDOUT_VQA_START + 500_000, n, canvas)
+    return [(s, shapes.caption(s)) for s in scenes]
