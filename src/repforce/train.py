@@ -268,14 +268,14 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
                 "cpu_s": spent["cpu_s"] + time.process_time() - start_cpu}
 
     tokens_seen, window_t, window_tok = 0, time.time(), 0
-    bar = tqdm(total=t.steps, initial=step, disable=not progress or not rt.is_main, desc=f"{cfg.model.variant}",
-               dynamic_ncols=True)
+    # with a wall-time budget the bar counts its seconds (the step count is then only an upper bound)
+    budget = minutes is not None
+    bar = tqdm(total=round(minutes * 60) if budget else t.steps, initial=0 if budget else step, unit="s" if budget
+               else "it", disable=not progress or not rt.is_main, desc=f"{cfg.model.variant}", dynamic_ncols=True)
     model.train()
     stopped = False
     with stop_on_signals() as got:
         while step < t.steps:
-            if minutes is not None and time.time() - start_time > minutes * 60:
-                break
             t0 = time.time()
             batch = next_batch(step)
             for g in opt.param_groups:
@@ -292,8 +292,14 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
             n_tok = int((batch["kind"] != 0).sum())
             tokens_seen += n_tok
             window_tok += n_tok
-            bar.update(1)
-            if step % t.log_every == 0 or step == t.steps:
+            if budget:
+                bar.n = min(bar.total, round(time.time() - start_time))
+                bar.refresh()
+            else:
+                bar.update(1)
+            stopped = runtime.any_rank(got[0] is not None, dev)  # every rank stops at the same step
+            out_of_time = minutes is not None and runtime.any_rank(time.time() - start_time > minutes * 60, dev)
+            if step % t.log_every == 0 or step == t.steps or stopped or out_of_time:  # a run's last step is logged
                 now = time.time()
                 row = {"step": step, "lr": opt.param_groups[0]["lr"] / opt.param_groups[0]["lr_mult"],
                        "grad_norm": float(gnorm), "step_time": now - t0, "tokens_per_s": window_tok / (now - window_t)}
@@ -303,10 +309,9 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
                 log.flush()
                 window_t, window_tok = now, 0
                 last = row
-                bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in row.items()
-                                 if k.startswith("loss")} | {"tok/s": f"{row['tokens_per_s']:.0f}"})
-            stopped = runtime.any_rank(got[0] is not None, dev)  # every rank stops at the same step
-            if stopped:
+                bar.set_postfix(({"step": step} if budget else {}) | {k.replace("loss_", ""): f"{v:.3f}" for k, v in
+                                row.items() if k.startswith("loss")} | {"tok/s": f"{row['tokens_per_s']:.0f}"})
+            if stopped or out_of_time:
                 break  # saved below
             if step % t.ckpt_every == 0 and step < t.steps:
                 save()

@@ -68,6 +68,11 @@ def loss_figure(runs: dict[str, Path]):
     terms = sorted({k for rows in logs.values() for r in rows for k in r if k.startswith("loss_")})
     extra = [k for k in ("rep_ppl", "rep_acc") if any(k in r for rows in logs.values() for r in rows)]
     panels = terms + extra
+    if not panels:  # no step logged yet: say so rather than draw nothing
+        fig, ax = plt.subplots(figsize=(3.6, 2.8))
+        ax.text(0.5, 0.5, "no logged step yet", ha="center", va="center")
+        ax.axis("off")
+        return fig
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 2.8), squeeze=False)
     for ax, term in zip(axes[0], panels):
         for name, rows in logs.items():
