@@ -24,15 +24,8 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from safetensors.torch import save_file
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
-)
 
 from . import runtime
 from .pretrained import Weights, clean_name
@@ -93,11 +86,18 @@ def _publish(root: Path, tmp: Path, final: Path, keep: int) -> None:
 
 
 def _states(model, ema, opt):
+    from torch.distributed.checkpoint.state_dict import (  # heavy: sharded only
+        get_model_state_dict,
+        get_state_dict,
+    )
+
     msd, osd = get_state_dict(model, opt)
     return {"model": msd, "ema": get_model_state_dict(ema), "optim": osd}
 
 
 def _save_sharded(root: Path, step: int, model, ema, opt, config: dict, keep: int, extra: dict | None) -> Path:
+    import torch.distributed.checkpoint as dcp  # heavy (~2 s to import): sharded runs only
+
     final, tmp = root / f"{PREFIX}{step:08d}", root / f".tmp_{PREFIX}{step:08d}"
     if runtime.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
@@ -121,6 +121,12 @@ def restore(step_dir: Path, model: nn.Module, ema: nn.Module, opt) -> dict:
     only in a single process (start a sharded run from it with --init)."""
     step_dir = Path(step_dir)
     if is_sharded(step_dir):
+        import torch.distributed.checkpoint as dcp  # heavy (~2 s to import): sharded runs only
+        from torch.distributed.checkpoint.state_dict import (  # heavy, likewise
+            set_model_state_dict,
+            set_state_dict,
+        )
+
         state = _states(model, ema, opt)
         with warnings.catch_warnings():  # one process reading a sharded checkpoint is intended here
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")

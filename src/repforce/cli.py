@@ -26,6 +26,7 @@ from . import engine as E  # noqa: E402
 from .config import ConfigError, override, validate  # noqa: E402
 from .engine import GenOptions  # noqa: E402
 from .presets import preset  # noqa: E402
+from .pretrained import PretrainedError  # noqa: E402
 from .runtime import is_main  # noqa: E402
 from .study.ablation import BUDGETS, StudyError, ablation, folder_name  # noqa: E402
 from .study.demo import demo  # noqa: E402
@@ -33,8 +34,8 @@ from .study.evaluate import captions, fashion, vqa, write_shapeseval  # noqa: E4
 from .study.report import loss_figure  # noqa: E402
 from .study.results import write_results_md  # noqa: E402
 from .train import RunError, load_run_config, train, train_vae  # noqa: E402
+from .worlds import encoders, shapes, shapeseval  # noqa: E402
 from .worlds import fashion as fm  # noqa: E402
-from .worlds import shapes, shapeseval  # noqa: E402
 
 
 class UserError(Exception):
@@ -107,7 +108,7 @@ def cmd_train(args) -> None:
         if cfg.train.init and not Path(cfg.train.init).exists():
             raise UserError(f"--init: no such run folder: {cfg.train.init}")
         summary = train(cfg, Path(args.out), resume=args.resume, progress=not args.quiet, minutes=args.minutes)
-    except (ConfigError, RunError, FileNotFoundError) as e:
+    except (ConfigError, RunError, PretrainedError, FileNotFoundError) as e:
         raise UserError(str(e)) from None
     if not is_main():
         return
@@ -124,6 +125,18 @@ def cmd_train_vae(args) -> None:
                      progress=not args.quiet)
     print(f"VAE trained in {meta['wall_s']:.0f}s: held-out PSNR {meta['psnr_db']:.1f} dB, "
           f"latent scale {meta['scaling_factor']:.3f}; saved to {args.out}")
+
+
+def cmd_pretrain_encoder(args) -> None:
+    if args.world != "shapes":
+        raise UserError(f"--world={args.world!r}: only the shapes world has a pretraining recipe so far")
+    if args.steps < 1:
+        raise UserError(f"--steps={args.steps}: must be >= 1")
+    meta = encoders.pretrain(args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                             progress=not args.quiet)
+    p = meta["probe_heldout"]
+    print(f"{meta['version']} trained in {meta['train_wall_s']:.0f}s; linear probe on held-out cells: color "
+          f"{p['color']:.3f}, shape {p['shape']:.3f}; saved to {args.out}")
 
 
 def _need_fashion() -> None:
@@ -384,6 +397,15 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--world", default="shapes", choices=("shapes", "fashion"), help="which world the study runs on")
     st.add_argument("--quiet", action="store_true")
     st.set_defaults(func=cmd_study)
+
+    pe = sub.add_parser("pretrain-encoder", help="pretrain a world encoder (the small worlds' DINOv3)")
+    pe.add_argument("--world", default="shapes", choices=("shapes", "fashion"))
+    pe.add_argument("--out", required=True, help="folder (src/repforce/assets/shapes_encoder is the shipped one)")
+    pe.add_argument("--steps", type=int, default=2000)
+    pe.add_argument("--batch-size", dest="batch_size", type=int, default=64)
+    pe.add_argument("--seed", type=int, default=0)
+    pe.add_argument("--quiet", action="store_true")
+    pe.set_defaults(func=cmd_pretrain_encoder)
 
     v = sub.add_parser("train-vae", help="train the frozen VAE of the vae variants")
     v.add_argument("--out", required=True)

@@ -222,6 +222,7 @@ class TrainConfig:
     init: str = ""  # start from this run's (or checkpoint's) weights, e.g. a vlm run or the previous stage
     llm: str = ""  # local Hugging Face Qwen3 / Qwen3-MoE folder: backbone weights and tokenizer (pretrained.py)
     vision: str = ""  # local DINOv3 / SigLIP2 folder: encoder weights (pretrained.py)
+    encoder_init: str = ""  # a pretrained world encoder for a fresh run: shipped name or folder (worlds/encoders.py)
     device: str = "cpu"  # "cpu", "cuda" (cuda:LOCAL_RANK under torchrun) or "auto"
     meta_init: bool = False  # build on the meta device, shard, then initialize (models no rank can hold whole)
     act_ckpt: bool = False  # recompute each transformer block's activations in the backward pass

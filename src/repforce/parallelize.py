@@ -14,12 +14,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-    CheckpointImpl,
-    checkpoint_wrapper,
-)
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from . import runtime
 from .backbone import Attention, Block, SwiGLU
@@ -36,6 +30,8 @@ def _blocks(model) -> list[tuple[nn.ModuleList, int, bool]]:
 
 
 def _mesh(device: torch.device):
+    from torch.distributed.device_mesh import init_device_mesh  # heavy: sharding only
+
     return init_device_mesh(device.type, (runtime.world_size(),))
 
 
@@ -46,6 +42,15 @@ def parallelize(model, device: torch.device, mixed_bf16: bool, act_ckpt: bool = 
     Activation checkpointing wraps the backbone and encoder blocks (not the EMA encoder, which
     runs without gradients); the wrapper's name is stripped from checkpoint keys by the
     distributed state-dict API and by pretrained.py."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (  # heavy: only when asked for
+        CheckpointImpl,
+        checkpoint_wrapper,
+    )
+    from torch.distributed.fsdp import (  # heavy: only when asked for
+        MixedPrecisionPolicy,
+        fully_shard,
+    )
+
     for parent, i, is_ema in _blocks(model):
         block = parent[i]
         if act_ckpt and not is_ema:  # frozen blocks too: the gradient of what they feed still passes them
@@ -80,5 +85,7 @@ def _compile(block: nn.Module) -> None:
 
 def shard_like(ema, device: torch.device):
     """The EMA copy sharded as the model (Shard(0) on the same mesh), no mixed precision: it never runs forward."""
+    from torch.distributed.fsdp import fully_shard  # heavy: only when sharding
+
     fully_shard(ema, mesh=_mesh(device))
     return ema

@@ -27,6 +27,7 @@ downloaded: every path must be a local folder.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -40,6 +41,7 @@ from safetensors import safe_open
 
 from .runtime import copy_full_
 
+ASSETS = Path(__file__).parent / "assets"  # shipped weights: world encoders, judges
 WRAPPERS = re.compile(r"(_checkpoint_wrapped_module\.|_orig_mod\.|_fsdp_wrapped_module\.)")
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # DINOv3's processor statistics (LVD-1689M models)
 
@@ -304,6 +306,54 @@ def _grow_vocab(table: torch.Tensor, rows: int, n_orig: int) -> torch.Tensor:
     out[:keep] = table[:keep]
     out[n_orig:] = table[:n_orig].float().mean(dim=0).to(table.dtype)  # new tokens: the mean embedding
     return out
+
+
+# ----------------------------------------------------------------------------- world encoders
+
+
+def world_encoder_state(name: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The ImageEncoder weights (fp32) and metadata of a pretrained world encoder: a shipped one by name
+    (assets/<name>, e.g. "shapes_encoder") or a folder written by `repforce pretrain-encoder`. The
+    weights' sha256 must match the one recorded beside them."""
+    folder = Path(name)
+    if not (folder / "encoder.json").exists() and (ASSETS / str(name) / "encoder.json").exists():
+        folder = ASSETS / str(name)
+    weights, meta_path = folder / "encoder.safetensors", folder / "encoder.json"
+    if not weights.exists() or not meta_path.exists():
+        shipped = sorted(d.name for d in ASSETS.iterdir() if (d / "encoder.json").exists())
+        raise PretrainedError(f"train.encoder_init={str(name)!r}: no encoder.safetensors + encoder.json there "
+                              f"(shipped: {', '.join(shipped) or 'none'}; `repforce pretrain-encoder --out DIR`)")
+    meta = json.loads(meta_path.read_text())
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    if digest != meta.get("sha256"):
+        raise PretrainedError(f"{weights}: sha256 {digest[:12]}... does not match encoder.json "
+                              f"({str(meta.get('sha256'))[:12]}...)")
+    with safe_open(str(weights), framework="pt") as f:
+        state = {k: f.get_tensor(k).float() for k in f.keys()}
+    return state, meta
+
+
+@torch.no_grad()
+def load_world_encoder(model, name: str | Path) -> dict[str, list[str]]:
+    """Copy a pretrained world encoder into model.encoder and its EMA copy (plain or sharded);
+    returns the names under "loaded". Its shape must be the model's (enc_dim, enc_layers, ...)."""
+    if model.cfg.encoder != "vit":
+        raise PretrainedError(f"train.encoder_init needs model.encoder='vit', not {model.cfg.encoder!r}")
+    state, meta = world_encoder_state(name)
+    report: dict[str, list[str]] = {"loaded": []}
+    for prefix in ("encoder.", "ema_encoder."):
+        for raw, param in list(model.named_parameters()) + list(model.named_buffers()):
+            name_ = clean_name(raw)
+            if not name_.startswith(prefix):
+                continue
+            key = name_[len(prefix):]
+            if key not in state or tuple(state[key].shape) != tuple(param.shape):
+                raise PretrainedError(f"{name_}: the world encoder {meta.get('version')} has "
+                                      f"{tuple(state[key].shape) if key in state else 'no such tensor'}, the model "
+                                      f"{tuple(param.shape)}: set the model's encoder fields to {meta.get('encoder')}")
+            copy_full_(param, state[key])
+            report["loaded"].append(name_)
+    return report
 
 
 # ----------------------------------------------------------------------------- stage init

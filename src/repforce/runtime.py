@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 # ----------------------------------------------------------------------------- who am I
 
@@ -134,7 +133,12 @@ def copy_full_(dst: torch.Tensor, src: torch.Tensor) -> None:
     """dst <- src, where src is the full tensor and dst a plain or FSDP-sharded (DTensor) one.
 
     A rank keeps only its own shard: the split is local, no communication."""
-    if isinstance(dst, DTensor):
+    if is_initialized():  # a sharded tensor exists only in a process group
+        from torch.distributed.tensor import (  # heavy (~1 s): sharded runs only
+            DTensor,
+            distribute_tensor,
+        )
+    if is_initialized() and isinstance(dst, DTensor):
         src = src.to(device=dst.device_mesh.device_type, dtype=dst.dtype)
         src = distribute_tensor(src, dst.device_mesh, dst.placements, src_data_rank=None)
     else:

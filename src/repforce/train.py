@@ -193,6 +193,8 @@ def build_model(cfg: Config, device: torch.device, init_fn=None, fresh: bool = T
     report = None
     if (t.llm or t.vision) and fresh and init_fn is None:
         report = pretrained.load_hf(model, t.llm or None, t.vision or None)
+    if t.encoder_init and fresh and init_fn is None:
+        report = {**(report or {}), "encoder_init": pretrained.load_world_encoder(model, t.encoder_init)["loaded"]}
     if init_fn is not None:
         report = init_fn(model)
     copy_weights_(ema, model)

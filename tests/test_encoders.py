@@ -1,0 +1,71 @@
+"""Pretrained world encoders: cell labels, the shipped encoder's checksum and probe, loading into a model.
+
+    pytest tests/test_encoders.py
+"""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_run
+
+from repforce import pretrained
+from repforce.encoder import ImageEncoder
+from repforce.model import RFModel
+from repforce.presets import preset
+from repforce.worlds import encoders, shapes
+
+SHIPPED = pretrained.ASSETS / "shapes_encoder"
+
+
+def test_cell_labels_read_the_scene_graph():
+    scene = shapes.Scene((shapes.Obj("square", "blue", "large", 8.0, 8.0),
+                          shapes.Obj("circle", "red", "small", 24.0, 24.0)), canvas=32)
+    lab = encoders.cell_labels(scene, 8)
+    assert lab["color"][2, 2] == 1 + shapes.COLORS.index("blue") and lab["shape"][2, 2] == 1 + shapes.SHAPES.index("square")
+    assert lab["color"][6, 6] == 1 + shapes.COLORS.index("red") and lab["size"][6, 6] == 1
+    assert lab["color"][0, 7] == 0 and lab["shape"][7, 0] == 0  # background corners
+    assert lab["center"].sum() == 2 and lab["center"][2, 2] == 1 and lab["center"][6, 6] == 1
+    assert (lab["cover"][lab["color"] > 0] >= encoders.UNDER).all()
+
+
+def test_shipped_encoder_has_its_checksum_and_a_readable_probe():
+    state, meta = pretrained.world_encoder_state("shapes_encoder")
+    assert meta["version"] == encoders.VERSION and SHIPPED.joinpath("encoder.safetensors").stat().st_size < 5e6
+    e = meta["encoder"]
+    enc = ImageEncoder(e["image_size"], e["patch"], 3, e["dim"], e["n_layers"], e["n_heads"])
+    enc.load_state_dict(state)
+    acc = encoders.probe(enc, n_train=400, n_test=150, steps=150)  # a small held-out set
+    assert acc["color"] >= 0.95 and acc["shape"] >= 0.95, acc
+
+
+def test_a_tampered_encoder_is_refused(tmp_path):
+    d = tmp_path / "enc"
+    shutil.copytree(SHIPPED, d)
+    raw = bytearray((d / "encoder.safetensors").read_bytes())
+    raw[-1] ^= 1
+    (d / "encoder.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(pretrained.PretrainedError, match="sha256"):
+        pretrained.world_encoder_state(d)
+    with pytest.raises(pretrained.PretrainedError, match="no encoder.safetensors"):
+        pretrained.world_encoder_state(tmp_path / "nothing")
+
+
+def test_the_shapes_model_starts_from_it_and_a_wrong_shape_is_named():
+    state, _ = pretrained.world_encoder_state("shapes_encoder")
+    model = RFModel(preset("shapes", "pixel_rf").model)
+    report = pretrained.load_world_encoder(model, "shapes_encoder")
+    assert "encoder.patch_embed.weight" in report["loaded"] and "ema_encoder.patch_embed.weight" in report["loaded"]
+    for k, v in state.items():
+        assert torch.equal(model.encoder.state_dict()[k], v) and torch.equal(model.ema_encoder.state_dict()[k], v)
+    with pytest.raises(pretrained.PretrainedError, match="set the model's encoder fields"):
+        pretrained.load_world_encoder(RFModel(tiny_run("pixel_rf").model), "shapes_encoder")
+
+
+def test_pretraining_runs_and_saves_what_loads(tmp_path):
+    meta = encoders.pretrain(tmp_path / "e", steps=2, batch_size=4, dim=32, n_layers=1, n_heads=2, progress=False,
+                            probe_scenes=(20, 10))
+    state, saved = pretrained.world_encoder_state(tmp_path / "e")
+    assert saved == meta and set(meta["probe_heldout"]) == {"color", "shape", "color_all", "shape_all"}
+    assert all(v.dtype == torch.float32 and np.isfinite(v.numpy()).all() for v in state.values())
