@@ -149,3 +149,33 @@ def test_cli_generate_answer_and_api(runs, tmp_path, capsys):
     imgs = model.generate(["a red circle"], n=2, steps=2)
     assert len(imgs) == 2 and imgs[0].size == (32, 32)
     assert len(model.answer(imgs, ["what color is the circle?"] * 2)) == 2
+
+
+def test_exported_model_loads_by_folder_and_name(runs, tmp_path, monkeypatch, capsys):
+    from repforce import checkpoint
+    from repforce.cli import main
+
+    out = tmp_path / "assets" / "toy"
+    assert main(["export", "--ckpt", str(runs["pixel_rf"]), "--out", str(out), "--version", "toy-v1",
+                 "--meta", '{"shapeseval": 0.5}']) == 0
+    assert "fp16" in capsys.readouterr().out
+    meta = __import__("json").loads((out / "model.json").read_text())
+    assert meta["name"] == "toy" and meta["version"] == "toy-v1" and meta["shapeseval"] == 0.5
+    assert meta["step"] == 4 and len(meta["sha256"]) == 64
+    run, shipped = E.load(runs["pixel_rf"], precision="fp32"), E.load(out, precision="fp32")
+    for (k, a), b in zip(run.model.state_dict().items(), shipped.model.state_dict().values()):
+        assert torch.equal(a.half().float(), b), k  # the fp16 weights, nothing else changed
+    opts = E.GenOptions(steps=2)
+    assert shipped.generate_arrays(["a red circle"], 1, 0, opts)[0].shape == (1, 32, 32, 3)
+    # a shipped name resolves to assets/<name>, for load and for --init
+    monkeypatch.setattr(checkpoint, "ASSETS", tmp_path / "assets")
+    assert checkpoint.shipped() == ["toy"] and checkpoint.resolve("toy") == out
+    assert E.load("toy").cfg == shipped.cfg
+    with pytest.raises(E.InferenceError, match="shipped models: toy"):
+        E.load("nonesuch")
+    # a damaged file is refused by its checksum, in one line
+    data = bytearray((out / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (out / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(E.InferenceError, match="sha256 .* does not match model.json"):
+        E.load("toy")

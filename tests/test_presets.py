@@ -65,10 +65,14 @@ def test_three_stages_chain_on_cpu(tmp_path):
     moved = {k for k, v in state["model"].items() if not torch.equal(v, fresh[k])}
     assert moved and all(k.startswith("connector.") for k in moved), moved
 
-    s2 = C.override(preset("tiny", "pixel_rf"), base + ["train.steps=2", f"train.init={tmp_path / 's1'}"])
+    s2 = C.override(preset("tiny", "pixel_rf"), base + ["train.steps=2", f"train.init={tmp_path / 's1'}",
+                                                        "train.freeze=encoder."])
     train(s2, tmp_path / "s2", progress=False)
     info = json.loads((tmp_path / "s2" / "log.jsonl").read_text().splitlines()[0])
     assert info["copied"] > 0 and info["loaded"] > 0  # generation experts start as the understanding expert
+    state2, _ = checkpoint.read(tmp_path / "s2")
+    enc = [k for k in state2["model"] if k.startswith("encoder.")]
+    assert enc and all(torch.equal(state2["model"][k], state["ema"][k]) for k in enc)  # train.freeze held it
 
     s3 = C.override(preset("tiny", "pixel_rf"), base + [
         "train.steps=2", f"train.init={tmp_path / 's2'}", "model.image_size=64", "model.gen_size=64",

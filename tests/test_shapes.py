@@ -104,3 +104,45 @@ def test_relation_question():
 def test_canvas_64():
     img = world.render(world.sample_scene(1, canvas=64))
     assert img.shape == (64, 64, 3) and img.dtype == np.uint8
+
+
+def test_qa_turns_ask_several_questions_of_one_image(world_tok):
+    from repforce.config import DataConfig
+    from repforce.data import sample_at
+    from repforce.sequence import CAPTION_QUESTION, Layout, collate_samples
+    one, many = DataConfig(gen_fraction=0.0), DataConfig(gen_fraction=0.0, qa_turns=6)
+    for j in range(30):
+        a, b = sample_at(one, j), sample_at(many, j)
+        assert a.more == () and a.image.tobytes() == b.image.tobytes()  # same scene, one question by default
+        if b.prompt == CAPTION_QUESTION:
+            assert b.more == ()
+            continue
+        scene = world.sample_scene(world.scene_seed("train", j))
+        qa = world.questions(scene)
+        turns = [(b.prompt, b.answer), *b.more]
+        assert len(turns) == min(6, len(qa)) and len(set(turns)) == len(turns)
+        assert all(t in qa for t in turns)  # each a true question of this image
+    # every answer token of every turn is a target, nothing else of the conversation is
+    s = next(sample_at(many, j) for j in range(30) if sample_at(many, j).more)
+    layout = Layout(n_enc=64, n_rep=16, n_gen=64)
+    batch = collate_samples([s], world_tok, layout)
+    answers = [world_tok.encode(a) + [world_tok.eos_id] for _, a in [(s.prompt, s.answer), *s.more]]
+    targets = batch["text_targets"][0][batch["text_targets"][0] >= 0].tolist()
+    assert targets == [t for a in answers for t in a]
+
+
+def test_drop_both_trains_the_pixel_guidance_branch():
+    from repforce.config import DataConfig
+    from repforce.data import sample_at
+
+    def both(**kw):
+        samples = [sample_at(DataConfig(gen_fraction=1.0, **kw), j) for j in range(3000)]
+        return np.mean([s.prompt == "" and s.drop_rep for s in samples]), samples[:100]
+
+    rate0, plain = both()
+    rate, more = both(drop_both=0.2)
+    assert rate0 < 0.03  # independent drops at 0.1 each: about 1% in the unconditional branch
+    assert 0.17 < rate < 0.25  # 0.2 + 0.8 * 0.01
+    for a, b in zip(plain, more):  # the same scenes; a sample either keeps its drops or loses both
+        assert a.image.tobytes() == b.image.tobytes()
+        assert (a.prompt, a.drop_rep) == (b.prompt, b.drop_rep) or (b.prompt, b.drop_rep) == ("", True)

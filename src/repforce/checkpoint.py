@@ -16,6 +16,7 @@ leaves every earlier checkpoint intact and no half-written folder that looks com
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -28,7 +29,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from . import runtime
-from .pretrained import Weights, clean_name
+from .pretrained import ASSETS, Weights, clean_name
 
 PREFIX = "step_"
 
@@ -147,11 +148,13 @@ def restore(step_dir: Path, model: nn.Module, ema: nn.Module, opt) -> dict:
 
 
 def find(path: Path) -> Path:
-    """A checkpoint folder from a run folder, a checkpoints folder or a step folder."""
-    path = Path(path)
+    """A checkpoint folder from a run folder, a checkpoints folder, a step folder, an exported model
+    folder, or the name of a model shipped in the package ("shapes")."""
+    path = resolve(path)
     if not path.exists():
-        raise CheckpointError(f"no such checkpoint or run folder: {path}")
-    if (path / "state.pt").exists() or (path / "dcp" / ".metadata").exists():
+        names = ", ".join(shipped()) or "none"
+        raise CheckpointError(f"no such checkpoint or run folder: {path} (shipped models: {names})")
+    if (path / "state.pt").exists() or (path / "dcp" / ".metadata").exists() or (path / MODEL_META).exists():
         return path
     for root in (path / "checkpoints", path):
         dirs = step_dirs(root)
@@ -160,10 +163,74 @@ def find(path: Path) -> Path:
     raise CheckpointError(f"no checkpoint in {path} (expected checkpoints/{PREFIX}NNNNNNNN/state.pt)")
 
 
+# ----------------------------------------------------------------------------- exported and shipped models
+
+MODEL_META = "model.json"  # beside model.safetensors (fp16 EMA weights), config.json and tokenizer/
+
+
+def shipped() -> list[str]:
+    """Names of the models shipped in the package (assets/<name>/model.json)."""
+    return sorted(d.name for d in ASSETS.iterdir() if (d / MODEL_META).exists()) if ASSETS.is_dir() else []
+
+
+def resolve(path) -> Path:
+    """A path as given, or the folder of a shipped model when `path` names one and no such path exists."""
+    path = Path(path)
+    if not path.exists() and len(path.parts) == 1 and (ASSETS / path.name / MODEL_META).exists():
+        return ASSETS / path.name
+    return path
+
+
+def export_model(run, out: Path, name: str, version: str, extra: dict | None = None) -> dict:
+    """A run's EMA weights as a self-contained model folder (what `repforce.load` and --init read):
+    model.safetensors in fp16, config.json, tokenizer/, and model.json with the weights' sha256."""
+    d = find(Path(run))
+    state, config = read(d)
+    tok = next((p / "tokenizer" for p in (d, *d.parents) if (p / "tokenizer").is_dir()), None)
+    if tok is None:
+        raise CheckpointError(f"no tokenizer/ folder beside the run of {d}")
+    out = Path(out)
+    tmp = out.with_name(f".tmp_{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {clean_name(k): (v.half() if v.is_floating_point() else v).contiguous() for k, v in state["ema"].items()}
+    save_file(tensors, str(tmp / "model.safetensors"))
+    (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    shutil.copytree(tok, tmp / "tokenizer")
+    meta = {"name": name, "version": version, "step": int(state.get("step", 0)), "recipe": config.get("recipe", ""),
+            "dtype": "float16", "sha256": _sha256(tmp / "model.safetensors"), **(extra or {})}
+    (tmp / MODEL_META).write_text(json.dumps(meta, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return meta
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _read_model(d: Path) -> tuple[dict, dict]:
+    meta = json.loads((d / MODEL_META).read_text())
+    digest = _sha256(d / "model.safetensors")
+    if digest != meta.get("sha256"):
+        raise CheckpointError(f"{d / 'model.safetensors'}: sha256 {digest[:12]}... does not match {MODEL_META} "
+                              f"({str(meta.get('sha256'))[:12]}...): the file is damaged or was replaced")
+    w = Weights(d, "model.safetensors")
+    state = {k: w[k].float() if w[k].is_floating_point() else w[k] for k in w}
+    return {"ema": state, "step": meta.get("step", 0)}, json.loads((d / "config.json").read_text())
+
+
 def read(path: Path) -> tuple[dict, dict]:
     """(state, config) of the checkpoint at or under `path`, for sampling and --init: a single-process
     checkpoint's whole state, or a sharded one's EMA export under "ema" (read tensor by tensor)."""
     d = find(path)
+    if (d / MODEL_META).exists():
+        try:
+            return _read_model(d)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"unreadable model {d}: {type(e).__name__}: {e}") from None
     if not (d / "state.pt").exists():  # a sharded checkpoint: its EMA export, read tensor by tensor
         try:
             meta = json.loads((d / "meta.json").read_text())

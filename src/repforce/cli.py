@@ -22,6 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from . import checkpoint  # noqa: E402
 from . import engine as E  # noqa: E402
 from .config import ConfigError, override, validate  # noqa: E402
 from .engine import GenOptions  # noqa: E402
@@ -139,6 +140,19 @@ def cmd_pretrain_encoder(args) -> None:
           f"{p['color']:.3f}, shape {p['shape']:.3f}; saved to {args.out}")
 
 
+def cmd_export(args) -> None:
+    try:
+        extra = json.loads(args.meta) if args.meta else {}
+    except json.JSONDecodeError as e:
+        raise UserError(f"--meta: not JSON ({e})") from None
+    try:
+        meta = checkpoint.export_model(args.ckpt, Path(args.out), args.name or Path(args.out).name, args.version, extra)
+    except checkpoint.CheckpointError as e:
+        raise UserError(str(e)) from None
+    size = (Path(args.out) / "model.safetensors").stat().st_size / 2**20
+    print(f"exported {args.ckpt} (step {meta['step']}) to {args.out}: {size:.1f} MB fp16, sha256 {meta['sha256'][:12]}...")
+
+
 def _need_fashion() -> None:
     """Stop with the loader's one-line message (it names the Debian package) if Fashion-MNIST is missing."""
     try:
@@ -205,11 +219,12 @@ def cmd_answer(args) -> None:
 def cmd_demo(args) -> None:
     try:
         s = demo(args.out, args.minutes, args.preset, args.seed, args.per_category, progress=not args.quiet,
-                 overrides=args.set)
+                 overrides=args.set, stage1=args.stage1)
     except (RunError, ConfigError) as e:
         raise UserError(str(e)) from None
     sc = s["shapeseval"]
-    print(f"\ndemo done in {s['wall_s'] / 60:.1f} min (vlm {s['steps']['vlm']} steps, pixel_rf {s['steps']['pixel_rf']} steps)")
+    first = f"vlm {s['steps']['vlm']} steps" if s["stage1"] == "train" else f"from the shipped {s['stage1']}"
+    print(f"\ndemo done in {s['wall_s'] / 60:.1f} min ({first}, pixel_rf {s['steps']['pixel_rf']} steps)")
     print("ShapesEval " + " ".join(f"{k}={v:.2f}" for k, v in sc.items()))
     print(f"VQA accuracy {s['vqa']:.3f}, caption exact match {s['caption_exact_match']:.3f}")
     print(f"report: {s['report']}")
@@ -366,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--preset", default="shapes")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--per-category", dest="per_category", type=int, default=10, help="ShapesEval prompts per category")
+    d.add_argument("--stage1", default=None, help="where pixel_rf starts: a shipped model or run folder, or 'train' "
+                   "to train the vlm stage in the budget (default: the preset's shipped stage 1, shapes_vlm)")
     d.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
@@ -406,6 +423,14 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--seed", type=int, default=0)
     pe.add_argument("--quiet", action="store_true")
     pe.set_defaults(func=cmd_pretrain_encoder)
+
+    ex = sub.add_parser("export", help="a run's EMA weights as a self-contained model folder (fp16, sha256-checked)")
+    ex.add_argument("--ckpt", required=True, help="run folder or checkpoint")
+    ex.add_argument("--out", required=True, help="folder (src/repforce/assets/shapes is the shipped `shapes` model)")
+    ex.add_argument("--name", default="", help="model name (default: the folder's name)")
+    ex.add_argument("--version", default="1")
+    ex.add_argument("--meta", default="", help="JSON object of more fields for model.json (scores, commands)")
+    ex.set_defaults(func=cmd_export)
 
     v = sub.add_parser("train-vae", help="train the frozen VAE of the vae variants")
     v.add_argument("--out", required=True)

@@ -157,8 +157,11 @@ class DataConfig:
     gen_fraction: float = 0.5  # share of generation samples in a batch (the vlm variant uses 0)
     prompt_fraction: float = 0.5  # share of generation captions written as ShapesEval-style prompts
     caption_fraction: float = 0.25  # share of understanding samples that ask for the full caption
+    qa_turns: int = 1  # shapes: questions per understanding sample, as turns of one conversation on its image
+    # (a random subset of the scene's questions in random order); the image's 64 tokens are paid once for all
     drop_text: float = 0.1  # probability of an empty prompt (guidance)
     drop_rep: float = 0.1  # probability of a dropped rep sequence (guidance)
+    drop_both: float = 0.0  # probability of dropping both together on top (the pixel-guidance branch; sequence.guidance_drops)
     seed: int = 0  # data seed: which slice of the train stream a run sees
 
 
@@ -228,6 +231,7 @@ class TrainConfig:
     act_ckpt: bool = False  # recompute each transformer block's activations in the backward pass
     compile: bool = False  # torch.compile each transformer block
     train_only: str = ""  # comma-separated parameter-name prefixes to train, the rest frozen ("" = all)
+    freeze: str = ""  # comma-separated parameter-name prefixes kept frozen (after train_only), e.g. "encoder."
 
 
 @dataclass(frozen=True)
@@ -237,6 +241,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mix: MixConfig = field(default_factory=MixConfig)  # real data sources when data.world == "mix"
+    recipe: str = ""  # the preset and its version that made the run, e.g. "shapes-v2" ("" for older runs)
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))  # JSON-native (tuples as lists), like a saved one
@@ -256,7 +261,7 @@ class Config:
         mix["sources"] = [Source(**s) if isinstance(s, dict) else s for s in mix.get("sources", [])]
         return Config(build(ModelConfig, d.get("model", {})), build(DataConfig, d.get("data", {})),
                       build(OptimConfig, d.get("optim", {})), build(TrainConfig, d.get("train", {})),
-                      build(MixConfig, mix))
+                      build(MixConfig, mix), str(d.get("recipe", "")))
 
 
 class ConfigError(ValueError):
@@ -297,9 +302,10 @@ def validate(cfg: Config) -> Config:
          "must be cpu, cuda, cuda:N or auto")
     need(m.image_size % m.gen_patch == 0 or not m.variant.startswith("pixel"), "model.image_size", m.image_size,
          f"not divisible by model.gen_patch={m.gen_patch}")
-    for name in ("gen_fraction", "prompt_fraction", "caption_fraction", "drop_text", "drop_rep", "fashion_pairs"):
+    for name in ("gen_fraction", "prompt_fraction", "caption_fraction", "drop_text", "drop_rep", "drop_both", "fashion_pairs"):
         v = getattr(d, name)
         need(0 <= v <= 1, f"data.{name}", v, "must be in [0, 1]")
+    need(d.qa_turns >= 1, "data.qa_turns", d.qa_turns, "must be >= 1")
     if m.variant.startswith("vae"):
         need(bool(t.vae), "train.vae", t.vae, f"variant {m.variant} needs the folder of a trained VAE (repforce train-vae)")
     return cfg

@@ -19,7 +19,7 @@ import torch
 from . import runtime
 from .config import DataConfig
 from .datasources import MixStream
-from .sequence import CAPTION_QUESTION, REP, Layout, Sample, collate_samples
+from .sequence import CAPTION_QUESTION, REP, Layout, Sample, collate_samples, guidance_drops
 from .tokenizer import Tokenizer, train_tokenizer
 from .worlds import fashion, shapes, shapeseval
 
@@ -38,13 +38,16 @@ def sample_at(cfg: DataConfig, j: int, gen_fraction: float | None = None) -> Sam
         else:
             scene = shapes.sample_scene(seed, cfg.canvas)
             text = shapes.caption(scene)
-        drop_text, drop_rep = rng.random() < cfg.drop_text, rng.random() < cfg.drop_rep
+        drop_text, drop_rep = guidance_drops(cfg, rng)
         return Sample(True, shapes.render(scene), "" if drop_text else text, "", drop_rep)
     scene = shapes.sample_scene(seed, cfg.canvas)
     if rng.random() < cfg.caption_fraction:
         q, a = CAPTION_QUESTION, shapes.caption(scene)
     else:
         qa = shapes.questions(scene)
+        if cfg.qa_turns > 1:
+            (q, a), *more = [qa[k] for k in rng.permutation(len(qa))[:cfg.qa_turns]]
+            return Sample(False, shapes.render(scene), q, a, more=tuple(more))
         q, a = qa[rng.integers(len(qa))]
     return Sample(False, shapes.render(scene), q, a)
 

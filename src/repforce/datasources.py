@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .sequence import collate, rows
+from .sequence import collate, guidance_drops, rows
 
 log = logging.getLogger("repforce.data")
 
@@ -370,8 +370,8 @@ class MixDataset:
                 examples.setdefault(e.reason, f"{spec.kind}:{spec.path} item {i}: {e.detail}")
                 continue
             if is_gen:
-                text = "" if rng.random() < self.data.drop_text else caption
-                return True, image, text, [], bool(rng.random() < self.data.drop_rep)
+                drop_text, drop_rep = guidance_drops(self.data, rng)
+                return True, image, "" if drop_text else caption, [], drop_rep
             if not turns:  # a caption source read for understanding: captioning
                 turns = [(CAPTION_QUESTIONS[int(rng.integers(len(CAPTION_QUESTIONS)))], caption)]
             return False, image, None, turns, False

@@ -132,7 +132,7 @@ def prepare_run(cfg: Config, out: Path, resume: bool) -> tuple[Config, object]:
     out.mkdir(parents=True, exist_ok=True)
     tok_dir = out / "tokenizer"
     if not tok_dir.exists() and runtime.is_main():  # one writer under torchrun
-        init_tok = Path(cfg.train.init) / "tokenizer" if cfg.train.init else None
+        init_tok = checkpoint.resolve(cfg.train.init) / "tokenizer" if cfg.train.init else None
         if init_tok is not None and init_tok.is_dir():
             shutil.copytree(init_tok, tok_dir)
         elif cfg.train.llm:  # the LLM's own tokenizer, our special tokens added
@@ -163,7 +163,8 @@ def build_model(cfg: Config, device: torch.device, init_fn=None, fresh: bool = T
     shard by shard: no rank ever holds all of it. Then pretrained weights (train.llm,
     train.vision; only for a fresh run without init_fn) or init_fn (a previous stage) are
     copied in, shard by shard too, and the EMA starts equal to the result.
-    train.train_only freezes every parameter outside its name prefixes (stage 1)."""
+    train.train_only freezes every parameter outside its name prefixes (stage 1), train.freeze
+    those inside its own."""
     t = cfg.train
     sharded = runtime.world_size() > 1
     if t.meta_init:
@@ -178,6 +179,11 @@ def build_model(cfg: Config, device: torch.device, init_fn=None, fresh: bool = T
         keep = tuple(p.strip() for p in t.train_only.split(",") if p.strip())
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith(keep))
+    if t.freeze:
+        frozen = tuple(p.strip() for p in t.freeze.split(",") if p.strip())
+        for name, p in model.named_parameters():
+            if name.startswith(frozen):
+                p.requires_grad_(False)
     if sharded or t.act_ckpt or t.compile:
         mixed = device.type == "cuda" and t.precision != "fp32"
         parallelize(model, device, mixed, t.act_ckpt, t.compile, shard=sharded)

@@ -144,11 +144,23 @@ pre{background:#f3f3f3;padding:10px;overflow:auto;font-size:12px;border-radius:4
 """
 
 
+def _cards(gallery: list[dict]) -> list[str]:
+    parts = ["<div class='gallery'>"]
+    for g in gallery:
+        verdict = "<span class='ok'>pass</span>" if g["correct"] else "<span class='bad'>fail</span>"
+        rep = f"<img alt='rep map' src='{png_b64(g['rep'])}'>" if g.get("rep") is not None else ""
+        parts.append(f"<div class='card'><div>{html.escape(g['prompt'])}</div><img alt='sample' "
+                     f"src='{png_b64(g['image'])}'> {rep}<div>{verdict} <span class='why'>"
+                     f"{html.escape(g['reason'])}</span></div></div>")
+    return parts + ["</div>"]
+
+
 def write_report(path: str | Path, title: str, runs: dict[str, Path], shapes: dict, vqa: dict | None,
                  gallery: list[dict], command: str, config: dict, notes: list[str] | None = None,
-                 caption: dict | None = None) -> Path:
+                 caption: dict | None = None, showcase: tuple[str, list[dict]] | None = None) -> Path:
     """Write report.html. gallery rows: {"prompt", "image" (array), "rep" (array or None),
-    "correct", "reason"}; shapes: ShapesEval scores by category + overall."""
+    "correct", "reason"}; shapes: ShapesEval scores by category + overall; showcase: (title, rows)
+    of a second gallery on the same prompts (the shipped model's)."""
     path = Path(path)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
@@ -183,14 +195,11 @@ def write_report(path: str | Path, title: str, runs: dict[str, Path], shapes: di
 
     parts.append("<h2>Gallery</h2><p class='sub'>Each card: the generated image, the rep-token map that guided "
                  "it (each id painted with the mean color of the cells it stands for), and the judge's verdict.</p>")
-    parts.append("<div class='gallery'>")
-    for g in gallery:
-        verdict = "<span class='ok'>pass</span>" if g["correct"] else "<span class='bad'>fail</span>"
-        rep = f"<img alt='rep map' src='{png_b64(g['rep'])}'>" if g.get("rep") is not None else ""
-        parts.append(f"<div class='card'><div>{html.escape(g['prompt'])}</div><img alt='sample' "
-                     f"src='{png_b64(g['image'])}'> {rep}<div>{verdict} <span class='why'>"
-                     f"{html.escape(g['reason'])}</span></div></div>")
-    parts.append("</div>")
+    parts += _cards(gallery)
+    if showcase:
+        n_ok = sum(bool(g["correct"]) for g in showcase[1])
+        parts.append(f"<h3>{html.escape(showcase[0])}: {n_ok} of {len(showcase[1])} pass</h3>")
+        parts += _cards(showcase[1])
 
     parts.append("<h2>Reproduce</h2><pre>" + html.escape(command) + "</pre>")
     parts.append("<details><summary>Resolved config</summary><pre>" + html.escape(json.dumps(config, indent=1))

@@ -41,7 +41,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from ..sequence import CAPTION_QUESTION, Sample
+from ..sequence import CAPTION_QUESTION, Sample, guidance_drops
 
 CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
@@ -233,14 +233,14 @@ def sample(cfg, j: int, gen_fraction: float):
             k = int(rng.integers(len(imgs)))
         image, right = pair_canvas(imgs[i], imgs[k], cfg.canvas, rgb), int(labels[k])
         if rng.random() < gen_fraction:
-            drop_text, drop_rep = rng.random() < cfg.drop_text, rng.random() < cfg.drop_rep
+            drop_text, drop_rep = guidance_drops(cfg, rng)
             return Sample(True, image, "" if drop_text else pair_caption(label, right), "", drop_rep)
         if rng.random() < cfg.caption_fraction:
             return Sample(False, image, CAPTION_QUESTION, pair_caption(label, right))
         side = int(rng.integers(2))
         return Sample(False, image, PAIR_QUESTIONS[side], CLASSES[(label, right)[side]])
     if rng.random() < gen_fraction:
-        drop_text, drop_rep = rng.random() < cfg.drop_text, rng.random() < cfg.drop_rep
+        drop_text, drop_rep = guidance_drops(cfg, rng)
         return Sample(True, image, "" if drop_text else caption(label), "", drop_rep)
     if rng.random() < cfg.caption_fraction:
         return Sample(False, image, CAPTION_QUESTION, caption(label))
