@@ -8,8 +8,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
+
 from conftest import tiny_run
 
+from repforce import config as C
 from repforce import pretrained
 from repforce.encoder import ImageEncoder
 from repforce.model import RFModel
@@ -61,6 +63,18 @@ def test_the_shapes_model_starts_from_it_and_a_wrong_shape_is_named():
         assert torch.equal(model.encoder.state_dict()[k], v) and torch.equal(model.ema_encoder.state_dict()[k], v)
     with pytest.raises(pretrained.PretrainedError, match="set the model's encoder fields"):
         pretrained.load_world_encoder(RFModel(tiny_run("pixel_rf").model), "shapes_encoder")
+    with pytest.raises(pretrained.PretrainedError, match="trained on the shapes world, this run is data.world=fashion"):
+        pretrained.load_world_encoder(model, "shapes_encoder", world="fashion")
+
+
+def test_the_shapes_preset_is_recipe_v2_and_v1_stays_as_recorded():
+    v2, v1 = preset("shapes", "vlm"), preset("shapes_v1", "vlm")
+    assert v2.recipe == "shapes-v2" and v1.recipe == "shapes-v1"
+    assert (v2.train.encoder_init, v2.train.freeze, v2.data.qa_turns, v2.data.drop_both) == (
+        "shapes_encoder", "encoder.", 8, 0.1)
+    assert (v1.train.encoder_init, v1.train.freeze, v1.data.qa_turns, v1.data.drop_both) == ("", "", 1, 0.0)
+    assert (v1.model.t_mean, v1.model.t_std) == (-0.8, 0.8) and (v2.model.t_mean, v2.model.t_std) == (0.0, 1.0)
+    assert C.Config.from_json(v2.to_json()).recipe == "shapes-v2"
 
 
 def test_pretraining_runs_and_saves_what_loads(tmp_path):

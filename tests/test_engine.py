@@ -179,3 +179,25 @@ def test_exported_model_loads_by_folder_and_name(runs, tmp_path, monkeypatch, ca
     (out / "model.safetensors").write_bytes(bytes(data))
     with pytest.raises(E.InferenceError, match="sha256 .* does not match model.json"):
         E.load("toy")
+
+
+def test_oracle_feeds_the_truth_renders_rep_tokens_to_the_pixel_stage(rf, runs, monkeypatch):
+    from repforce.study import evaluate
+    from repforce.worlds import shapes, shapeseval
+
+    seen = []
+    real = rf.sample_pixels
+    monkeypatch.setattr(rf, "sample_pixels", lambda prompts, reps, o, gen: seen.append((prompts, reps)) or real(
+        prompts, reps, o, gen))
+    scores, arr = evaluate.oracle_shapeseval(rf, n=2, options=E.GenOptions(steps=2), per_category=1, batch_size=5)
+    plist = shapeseval.prompts(1)
+    assert arr.shape == (2 * len(plist), 32, 32, 3) and set(scores) == {*shapeseval.CATEGORIES, "overall"}
+    prompts = [p for chunk, _ in seen for p in chunk]
+    reps = torch.cat([r for _, r in seen])
+    assert prompts == [p.text for p in plist for _ in range(2)]
+    truth = [shapes.render(shapeseval.scene_for_prompt(p, shapeseval.truth_seed(p, k), 32)) for p in plist for k in range(2)]
+    x = torch.from_numpy(np.stack(truth)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    # the truth renders' own tokens, not sampled ones (the tiny quantizer balances within a batch: chunk as the oracle)
+    assert torch.equal(reps, torch.cat([rf.model.rep_targets(x[s:s + 5])[0] for s in range(0, len(x), 5)]))
+    with pytest.raises(ValueError, match="needs rep ids"):
+        evaluate.oracle_shapeseval(E.load(runs["pixel"]), n=1, per_category=1)

@@ -334,12 +334,16 @@ def world_encoder_state(name: str | Path) -> tuple[dict[str, torch.Tensor], dict
 
 
 @torch.no_grad()
-def load_world_encoder(model, name: str | Path) -> dict[str, list[str]]:
+def load_world_encoder(model, name: str | Path, world: str | None = None) -> dict[str, list[str]]:
     """Copy a pretrained world encoder into model.encoder and its EMA copy (plain or sharded);
-    returns the names under "loaded". Its shape must be the model's (enc_dim, enc_layers, ...)."""
+    returns the names under "loaded". Its shape must be the model's (enc_dim, enc_layers, ...),
+    and its world the run's (data.world) when given."""
     if model.cfg.encoder != "vit":
         raise PretrainedError(f"train.encoder_init needs model.encoder='vit', not {model.cfg.encoder!r}")
     state, meta = world_encoder_state(name)
+    if world and meta.get("world") and meta["world"] != world:
+        raise PretrainedError(f"train.encoder_init={str(name)!r} was trained on the {meta['world']} world, this run is "
+                              f"data.world={world}: set train.encoder_init= (none) or an encoder of that world")
     report: dict[str, list[str]] = {"loaded": []}
     for prefix in ("encoder.", "ema_encoder."):
         for raw, param in list(model.named_parameters()) + list(model.named_buffers()):

@@ -67,12 +67,12 @@ class Budget:
 BUDGETS = {
     # a smaller model so the whole table fits in ~25 minutes on 2 cores (one thread per world when the
     # shapes and fashion studies run side by side)
-    "quick": Budget(800, 300, 400, 16, (0, 1, 2), (64, 1024), 5, 2, 100, n_fashion=10,
+    "quick": Budget(800, 300, 400, 16, (0, 1, 2), (64, 1024), 5, 2, 100, n_fashion=10, preset="shapes_v1",
                     overrides=("model.dim=128", "model.n_layers=3", "model.ffn_hidden=352", "model.enc_dim=96",
                                "model.enc_layers=2", "model.head_dim=32", "optim.warmup=30",
                                "model.encoder_ema=0.9999")),  # as when its results were recorded
     # pixel_cont at every seed: on seed 0 it beat pixel_rf by 1.5 judging standard errors, against the paper
-    "full": Budget(2000, 2000, 2000, 32, (0, 1, 2), (64, 1024), 20, 4, 300, fashion_pairs=0.2,
+    "full": Budget(2000, 2000, 2000, 32, (0, 1, 2), (64, 1024), 20, 4, 300, fashion_pairs=0.2, preset="shapes_v1",
                    also_seeded=("pixel_cont",)),
 }
 

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -42,6 +43,33 @@ def write_shapeseval(engine: Engine, out: str | Path, n: int = 4, options: GenOp
                 Image.fromarray(a).save(folder / "samples" / f"{k:04d}.png")
                 images[(p.index, k)] = a
     return images
+
+
+def oracle_shapeseval(engine: Engine, n: int = 2, options: GenOptions | None = None, seed: int = 0,
+                      per_category: int = shapeseval.PER_CATEGORY, batch_size: int = 64) -> tuple[dict, np.ndarray]:
+    """The pixel stage alone: every ShapesEval prompt's rep tokens taken from its ground-truth renders
+    (held-out truth scenes, the model's own encoder and quantizer, as in training), then pixels
+    sampled under the prompt and those tokens and judged. Beside the model's own score it says
+    which stage loses the points: a high oracle and a low score blame the sampled tokens, a low
+    oracle the pixel renderer. Returns (the scores of shapeseval.score_images, images prompt-major)."""
+    if not engine.cfg.rep_ids:
+        raise ValueError(f"the oracle needs rep ids; a {engine.cfg.variant} model has none")
+    o = options or GenOptions()
+    plist = shapeseval.prompts(per_category)
+    rows = [(p, k) for p in plist for k in range(n)]
+    canvas = engine.cfg.image_size
+    truth = np.stack([shapes.render(shapeseval.scene_for_prompt(p, shapeseval.truth_seed(p, k), canvas)) for p, k in rows])
+    gen = torch.Generator(engine.device).manual_seed(seed)
+    out = []
+    with torch.no_grad(), engine._autocast():
+        for s in range(0, len(rows), batch_size):
+            x = torch.from_numpy(truth[s:s + batch_size]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+            ids, _ = engine.model.rep_targets(x.to(engine.device))
+            px = engine.sample_pixels([p.text for p, _ in rows[s:s + batch_size]], ids, o, gen)
+            out.append(((px.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+    arr = np.concatenate(out)
+    scored = shapeseval.score_images({(p.index, k): a for (p, k), a in zip(rows, arr)}, per_category)
+    return scored.scores, arr
 
 
 def vqa(engine: Engine, n: int = 200, canvas: int = 32, batch_size: int = 50) -> dict:
