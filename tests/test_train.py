@@ -167,3 +167,28 @@ def test_init_from_vlm_copies_experts(tmp_path):
     info = json.loads((run / "log.jsonl").read_text().splitlines()[0])
     assert info["init"] == str(vlm) and info["loaded"] > 0 and info["copied"] > 0
     assert (run / "tokenizer" / "tokenizer.json").read_text() == (vlm / "tokenizer" / "tokenizer.json").read_text()
+
+
+def test_a_second_writer_is_refused_with_the_holders_pid_and_a_killed_holder_leaves_no_lock(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from repforce.train import RunError, lock_run
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from repforce.train import lock_run; h = lock_run(Path(sys.argv[1])); print('held', flush=True); "
+                               "time.sleep(60)", str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunError, match=f"being trained by another process \\(pid {holder.pid}\\)"):
+            train(tiny_run("vlm", "train.steps=1"), out, progress=False)
+        assert not (out / "checkpoints").exists()  # refused before touching anything
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    lock_run(out).close()  # the kernel dropped the dead holder's lock
+    train(tiny_run("vlm", "train.steps=1"), out, progress=False)
+    assert checkpoint.step_dirs(out / "checkpoints")

@@ -239,7 +239,7 @@ def read(path: Path) -> tuple[dict, dict]:
         except Exception as e:
             raise CheckpointError(f"unreadable checkpoint {d}: {type(e).__name__}: {e}") from None
     try:
-        state = torch.load(d / "state.pt", map_location="cpu", weights_only=False)
+        state = torch.load(d / "state.pt", map_location="cpu", weights_only=True)  # tensors and plain values only
         config = json.loads((d / "config.json").read_text())
     except Exception as e:  # a truncated or foreign file: say which
         raise CheckpointError(f"unreadable checkpoint {d}: {type(e).__name__}: {e}") from None

@@ -14,8 +14,10 @@ that never stopped.
 from __future__ import annotations
 
 import copy
+import fcntl
 import json
 import math
+import os
 import shutil
 import signal
 import threading
@@ -200,7 +202,8 @@ def build_model(cfg: Config, device: torch.device, init_fn=None, fresh: bool = T
     if (t.llm or t.vision) and fresh and init_fn is None:
         report = pretrained.load_hf(model, t.llm or None, t.vision or None)
     if t.encoder_init and fresh and init_fn is None:
-        report = {**(report or {}), "encoder_init": pretrained.load_world_encoder(model, t.encoder_init)["loaded"]}
+        loaded = pretrained.load_world_encoder(model, t.encoder_init, cfg.data.world)["loaded"]
+        report = {**(report or {}), "encoder_init": loaded}
     if init_fn is not None:
         report = init_fn(model)
     copy_weights_(ema, model)
@@ -216,17 +219,50 @@ def copy_weights_(dst: nn.Module, src: nn.Module) -> None:
         a.copy_(b)
 
 
+LOCK = ".lock"  # in a run folder while a process trains it
+
+
+def lock_run(out: Path):
+    """An exclusive advisory lock on out/.lock holding this process's pid, or RunError naming the holder.
+    The kernel drops the lock when its process dies, however it dies, so a killed run never leaves it stuck."""
+    out.mkdir(parents=True, exist_ok=True)
+    fh = open(out / LOCK, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        holder = fh.read().strip() or "unknown"
+        fh.close()
+        raise RunError(f"{out} is being trained by another process (pid {holder}); wait for it to stop or choose "
+                       "another --out (nothing was touched)") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh
+
+
 def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = True,
           minutes: float | None = None, device: str | None = None) -> dict:
     """Train a run to cfg.train.steps (or until `minutes` of wall time), checkpointing on the way.
 
     SIGTERM or SIGINT stops the run at the end of the current step: it saves a checkpoint there and raises
-    Stopped, so a preempted job loses no finished step and `--resume` continues it.
+    Stopped, so a preempted job loses no finished step and `--resume` continues it. One process trains a
+    run folder at a time (lock_run): a second one is refused with the first one's pid.
 
     Returns a summary: final step, last logged losses, wall time, tokens/s."""
     out = Path(out)
     validate(cfg)
     rt = runtime.setup(device or cfg.train.device)  # torchrun's env -> process group; else one process
+    lock = lock_run(out) if rt.is_main else None
+    try:
+        return _train(cfg, out, resume, progress, minutes, rt)
+    finally:
+        if lock is not None:
+            lock.close()  # closing drops the lock; the file stays, unlocked
+
+
+def _train(cfg: Config, out: Path, resume: bool, progress: bool, minutes: float | None, rt) -> dict:
     cfg, tok = prepare_run(cfg, out, resume)
     t = cfg.train
     if t.threads:
