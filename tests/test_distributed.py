@@ -64,7 +64,10 @@ def test_two_ranks_give_the_losses_of_one_process(runs):
     ema_one, _ = checkpoint.read(runs / "one")
     assert set(ema_two) == set(ema_one["ema"])
     for k, v in ema_one["ema"].items():
-        assert torch.allclose(ema_two[k], v, rtol=1e-4, atol=1e-6), k
+        # atol 1e-5: the two runs sum gradients in different orders, and Adam turns a last-bit difference in a
+        # near-zero gradient into up to 1.5e-6 of weight after 6 steps on AVX-512 hosts (weights ~0.07 here);
+        # a sharding mistake moves weights by ~lr = 3e-3
+        assert torch.allclose(ema_two[k], v, rtol=1e-4, atol=1e-5), k
 
 
 @pytest.mark.slow

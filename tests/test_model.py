@@ -244,9 +244,8 @@ def test_smoke_every_loss_term_falls(variant):
     batch = make_batch(model.cfg, layout=layout, drop_rep=[False, False, True, False][:len(layout)])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, betas=(0.9, 0.95))
     before = losses(model, batch)
-    for _ in range(40):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(batch)
+    for _ in range(40):  # fp32: under bf16 autocast the result depends on whether the CPU has native bf16
+        out = model(batch)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
