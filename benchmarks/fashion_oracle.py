@@ -32,7 +32,7 @@ import time
 import numpy as np
 import torch
 
-from repforce.engine import GenOptions, load
+from repforce.engine import GenOptions, load, to_uint8
 from repforce.quantizer import pool2x2
 from repforce.study.ablation import BUDGETS
 from repforce.vae import decode
@@ -48,7 +48,7 @@ def pixels(eng, prompts: list[str], ids: torch.Tensor, seed: int, bs: int = 100)
             x = eng.sample_pixels(prompts[s:s + bs], ids[s:s + bs].to(eng.device), GenOptions(), gen)
             if eng.cfg.variant.startswith("vae"):
                 x = decode(eng.vae, x)
-            out.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+            out.append(to_uint8(x))
     return np.concatenate(out)
 
 

@@ -18,6 +18,7 @@ import argparse
 import json
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +35,8 @@ def score(step_dir: Path, per_category: int, n: int, vqa_n: int, cap_n: int, ora
     row = {"variant": eng.cfg.variant}
     opts = GenOptions(rep_top_k=top_k)
     if eng.cfg.has_gen:
-        images = evaluate.write_shapeseval(eng, Path("/tmp/shapes_curves_pngs"), n, opts, 0, per_category, progress=False)
+        with tempfile.TemporaryDirectory() as tmp:  # the study's batching and seeds; the PNGs are not kept
+            images = evaluate.write_shapeseval(eng, tmp, n, opts, 0, per_category, progress=False)
         row["shapeseval"] = shapeseval.score_images(images, per_category).scores
         if oracle and eng.cfg.rep_ids:
             row["oracle"], _ = evaluate.oracle_shapeseval(eng, n, opts, 0, per_category)

@@ -63,6 +63,11 @@ class GenOptions:
     use_cache: bool = True  # False recomputes the whole sequence at every step (for benchmarks and tests)
 
 
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Images (B, C, H, W) in [-1, 1] -> uint8 (B, H, W, C) on the CPU."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
 def _left_pad(rows: list[list[int]], kinds: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Left-pad token rows so they end in the same column; positions count from each row's first token."""
     n = max(len(r) for r in rows)
@@ -241,7 +246,7 @@ class Engine:
             if self.cfg.variant.startswith("vae"):
                 x = decode(self.vae, x)
             x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-            images.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+            images.append(to_uint8(x))
             if r is not None:
                 reps.append(r.float().cpu().numpy() if r.dtype != torch.long else r.cpu().numpy())
         return np.concatenate(images), (np.concatenate(reps) if reps else None)

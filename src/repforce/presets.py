@@ -29,6 +29,7 @@ works with the same presets. `python -m repforce.presets` prints their parameter
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from .config import (
     Config,
@@ -62,31 +63,28 @@ SHAPES_RECIPE = "shapes-v2"  # Config.recipe of the shapes preset; bumped whenev
 def preset_shapes() -> Config:
     """The real small run of the shapes world: about 10M parameters (6M active per token), 32x32 images.
 
-    Recipe shapes-v2 (docs/results/findings.md, "A recipe that learns"): the vlm stage starts from
-    the shipped world encoder (the small world's DINOv3) and keeps it frozen in every stage, as
-    the paper's stage 1 keeps its DINOv3; eight questions per understanding image (the image is
-    paid once, the answers are 8x the supervision); the pixel-guidance branch (text and reps
-    dropped together) trained on 10% of generation samples; train-time t centred on the middle
+    Recipe shapes-v2 (docs/results/findings.md, "Recipe shapes-v2"), shapes-v1 with: the vlm stage
+    starts from the shipped world encoder (the small world's DINOv3) and keeps it frozen in every
+    stage, as the paper's stage 1 keeps its DINOv3; eight questions per understanding image (the
+    image is paid once, the answers are 8x the supervision); the pixel-guidance branch (text and
+    reps dropped together) trained on 10% of generation samples; train-time t centred on the middle
     of the path (logit-normal 0, 1: a 32-px image's edges settle at t > 0.7, which JiT's 256-px
-    setting almost never visits). shapes-v1 (the recipe of the recorded study) is `preset("shapes_v1")`."""
-    model = ModelConfig(dim=256, n_layers=5, n_heads=4, n_kv_heads=2, head_dim=64, ffn_hidden=576, enc_dim=192,
-                        enc_layers=4, enc_heads=3, codebook_size=256, repa_layer=2,
-                        # stable, broad targets on a small batch of mostly empty canvases (quantizer.py docstring)
-                        rep_init="data", rep_balance_stats="running", rep_momentum=0.999, rep_dead_after=0,
-                        # targets from the stage-1 (vlm) encoder, frozen: with any EMA (0.999, 0.9999) this small,
-                        # still-learning encoder drifts, prototypes it leaves die, and codebook use narrows (docs/results/findings.md)
-                        encoder_ema=1.0, t_mean=0.0, t_std=1.0)
-    data = DataConfig(qa_turns=8, drop_both=0.1)
-    train = TrainConfig(steps=2000, batch_size=32, encoder_init="shapes_encoder", freeze="encoder.")
-    return Config(model, data, OptimConfig(lr=1e-3, warmup=200), train, recipe=SHAPES_RECIPE)
+    setting almost never visits)."""
+    v1 = preset_shapes_v1()
+    return replace(v1, model=replace(v1.model, t_mean=0.0, t_std=1.0), data=replace(v1.data, qa_turns=8, drop_both=0.1),
+                   train=replace(v1.train, encoder_init="shapes_encoder", freeze="encoder."), recipe=SHAPES_RECIPE)
 
 
 def preset_shapes_v1() -> Config:
     """The shapes preset as the recorded study ran it (recipe shapes-v1): everything from random weights,
     one question per image, t from JiT's logit-normal (-0.8, 0.8), no extra guidance-branch drop."""
     model = ModelConfig(dim=256, n_layers=5, n_heads=4, n_kv_heads=2, head_dim=64, ffn_hidden=576, enc_dim=192,
-                        enc_layers=4, enc_heads=3, codebook_size=256, repa_layer=2, rep_init="data",
-                        rep_balance_stats="running", rep_momentum=0.999, rep_dead_after=0, encoder_ema=1.0)
+                        enc_layers=4, enc_heads=3, codebook_size=256, repa_layer=2,
+                        # stable, broad targets on a small batch of mostly empty canvases (quantizer.py docstring)
+                        rep_init="data", rep_balance_stats="running", rep_momentum=0.999, rep_dead_after=0,
+                        # targets from the stage-1 (vlm) encoder, frozen: with any EMA (0.999, 0.9999) this small,
+                        # still-learning encoder drifts, prototypes it leaves die, and codebook use narrows (docs/results/findings.md)
+                        encoder_ema=1.0)
     return Config(model, DataConfig(), OptimConfig(lr=1e-3, warmup=200), TrainConfig(steps=2000, batch_size=32),
                   recipe="shapes-v1")
 

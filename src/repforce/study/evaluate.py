@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ..engine import Engine, GenOptions
+from ..engine import Engine, GenOptions, to_uint8
 from ..worlds import fashion as fm
 from ..worlds import metrics, shapes, shapeseval
 
@@ -58,15 +58,14 @@ def oracle_shapeseval(engine: Engine, n: int = 2, options: GenOptions | None = N
     plist = shapeseval.prompts(per_category)
     rows = [(p, k) for p in plist for k in range(n)]
     canvas = engine.cfg.image_size
-    truth = np.stack([shapes.render(shapeseval.scene_for_prompt(p, shapeseval.truth_seed(p, k), canvas)) for p, k in rows])
+    truth = [shapes.render(shapeseval.scene_for_prompt(p, shapeseval.truth_seed(p, k), canvas)) for p, k in rows]
     gen = torch.Generator(engine.device).manual_seed(seed)
     out = []
     with torch.no_grad(), engine._autocast():
         for s in range(0, len(rows), batch_size):
-            x = torch.from_numpy(truth[s:s + batch_size]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-            ids, _ = engine.model.rep_targets(x.to(engine.device))
-            px = engine.sample_pixels([p.text for p, _ in rows[s:s + batch_size]], ids, o, gen)
-            out.append(((px.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+            x = torch.stack([engine._image_tensor(a) for a in truth[s:s + batch_size]]).to(engine.device)
+            ids, _ = engine.model.rep_targets(x)
+            out.append(to_uint8(engine.sample_pixels([p.text for p, _ in rows[s:s + batch_size]], ids, o, gen)))
     arr = np.concatenate(out)
     scored = shapeseval.score_images({(p.index, k): a for (p, k), a in zip(rows, arr)}, per_category)
     return scored.scores, arr
