@@ -107,7 +107,10 @@ def cmd_train(args) -> None:
                 sets.append(f"{key}={getattr(args, flag)}")
         cfg = validate(override(cfg, sets))
         if cfg.train.init and not Path(cfg.train.init).exists():
-            raise UserError(f"--init: no such run folder: {cfg.train.init}")
+            if not checkpoint.resolve(cfg.train.init).exists():
+                shipped = ", ".join(checkpoint.shipped()) or "none"
+                raise UserError(f"--init: no such run folder or shipped model: {cfg.train.init} (shipped: {shipped})")
+            cfg = override(cfg, [f"train.init={checkpoint.resolve(cfg.train.init)}"])  # a shipped stage, e.g. shapes_vlm
         summary = train(cfg, Path(args.out), resume=args.resume, progress=not args.quiet, minutes=args.minutes)
     except (ConfigError, RunError, PretrainedError, FileNotFoundError) as e:
         raise UserError(str(e)) from None
@@ -332,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     ef.set_defaults(func=cmd_eval_fashion)
 
     t = sub.add_parser("train", help="train a model (any variant)")
-    t.add_argument("--preset", default="shapes", help="tiny | shapes | shapes_v1 | scale_* (repforce.presets)")
+    t.add_argument("--preset", default="shapes", help="tiny | shapes | shapes_v2 | shapes_v1 | scale_* (repforce.presets)")
     t.add_argument("--variant", default="pixel_rf", help="vlm | pixel | pixel_rf | vae | vae_rf | pixel_repa | pixel_cont")
     t.add_argument("--out", required=True, help="run folder")
     t.add_argument("--steps", type=int)
