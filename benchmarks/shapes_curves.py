@@ -7,7 +7,9 @@ For each run and each of its checkpoints (step folders, oldest first), one JSON 
 on the first --per-category prompts of each category (--n images each, the paper's guidance:
 pixel 3, rep 2, 25 Euler steps), held-out VQA by question kind and caption exact match, and with
 --oracle the pixel stage alone (the prompts' rep tokens taken from ground-truth renders,
-`study.evaluate.oracle_shapeseval`). Lines already in --out are kept and not recomputed, so the
+`study.evaluate.oracle_shapeseval`), and for rep models how much the renderer reads its rep tokens
+(`study.evaluate.rep_reliance`: x-prediction error at t = 0.1 and 0.3 with another scene's ids
+minus with its own). Lines already in --out are kept and not recomputed, so the
 script resumes. A vlm run gets only the understanding scores. --plot draws ShapesEval overall
 against training steps, one line per label (the oracle dashed).
 """
@@ -40,6 +42,8 @@ def score(step_dir: Path, per_category: int, n: int, vqa_n: int, cap_n: int, ora
         row["shapeseval"] = shapeseval.score_images(images, per_category).scores
         if oracle and eng.cfg.rep_ids:
             row["oracle"], _ = evaluate.oracle_shapeseval(eng, n, opts, 0, per_category)
+        if eng.cfg.rep_ids:
+            row["rep_reliance"] = evaluate.rep_reliance(eng, 64)
     if vqa_n:
         v = evaluate.vqa(eng, vqa_n)
         row["vqa"] = {"accuracy": v["accuracy"], "by_kind": v["by_kind"]}

@@ -67,8 +67,13 @@ def test_the_shapes_model_starts_from_it_and_a_wrong_shape_is_named():
         pretrained.load_world_encoder(model, "shapes_encoder", world="fashion")
 
 
-def test_the_shapes_preset_is_recipe_v2_and_v1_stays_as_recorded():
-    v2, v1 = preset("shapes", "vlm"), preset("shapes_v1", "vlm")
+def test_the_shapes_preset_is_recipe_v3_and_v1_v2_stay_as_recorded():
+    v3, v2, v1 = preset("shapes", "pixel_rf"), preset("shapes_v2", "vlm"), preset("shapes_v1", "vlm")
+    assert v3.recipe == "shapes-v3" and C.Config.from_json(v3.to_json()).recipe == "shapes-v3"
+    m = v3.model
+    assert (m.rep_init, m.rep_momentum, m.rep_balance, m.rep_center_momentum, m.pos_init, m.image_rope,
+            m.loss_t_eps) == ("kmeans", 1.0, "none", 1.0, "sincos", "2d", 0.3)
+    assert v3.data == v2.data and v3.train == v2.train and v3.optim == v2.optim  # v3 changes the model only
     assert v2.recipe == "shapes-v2" and v1.recipe == "shapes-v1"
     assert (v2.train.encoder_init, v2.train.freeze, v2.data.qa_turns, v2.data.drop_both) == (
         "shapes_encoder", "encoder.", 8, 0.1)

@@ -13,8 +13,10 @@ from repforce.train import train
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     out = {}
-    for v in ("pixel_rf", "pixel", "pixel_cont", "vlm"):
-        cfg = C.override(preset("tiny", v), ["train.steps=4", "train.ckpt_every=100", "train.precision=fp32"])
+    for v in ("pixel_rf", "pixel", "pixel_cont", "vlm", "pixel_rf_2d"):
+        more = ["model.image_rope=2d", "model.pos_init=sincos"] if v.endswith("_2d") else []
+        cfg = C.override(preset("tiny", v.removesuffix("_2d")), ["train.steps=4", "train.ckpt_every=100",
+                                                                 "train.precision=fp32", *more])
         train(cfg, root / v, progress=False)
         out[v] = root / v
     return out
@@ -45,7 +47,7 @@ def test_same_seed_same_image(rf):
     assert ra.shape == (4, rf.cfg.n_rep) and ra.max() < rf.cfg.codebook_size
 
 
-@pytest.mark.parametrize("variant", ["pixel_rf", "pixel", "pixel_cont"])
+@pytest.mark.parametrize("variant", ["pixel_rf", "pixel", "pixel_cont", "pixel_rf_2d"])
 def test_cached_equals_uncached(runs, variant):
     eng = _randomize(E.load(runs[variant], precision="fp32"))
     opts = dict(steps=3, rep_temperature=0.0)
@@ -201,3 +203,17 @@ def test_oracle_feeds_the_truth_renders_rep_tokens_to_the_pixel_stage(rf, runs, 
     assert torch.equal(reps, torch.cat([rf.model.rep_targets(x[s:s + 5])[0] for s in range(0, len(x), 5)]))
     with pytest.raises(ValueError, match="needs rep ids"):
         evaluate.oracle_shapeseval(E.load(runs["pixel"]), n=1, per_category=1)
+
+
+def test_rep_reliance_is_zero_for_a_renderer_that_cannot_see_the_rep_ids(runs):
+    from repforce.study import evaluate
+
+    eng = _randomize(E.load(runs["pixel_rf"], precision="fp32"))
+    r = evaluate.rep_reliance(eng, n=6)
+    assert set(r["gap"]) == {"0.1", "0.3"} and all(v > 0 for v in r["mse_own"].values())
+    assert any(abs(v) > 1e-6 for v in r["gap"].values())  # random weights: the ids change the prediction
+    with torch.no_grad():
+        eng.model.rep_embed.weight.zero_()  # every id embeds alike: nothing to read
+    assert all(v == 0 for v in evaluate.rep_reliance(eng, n=6)["gap"].values())
+    with pytest.raises(ValueError, match="needs rep ids"):
+        evaluate.rep_reliance(E.load(runs["pixel"]), n=2)

@@ -29,6 +29,16 @@ def test_fm_loss_is_velocity_mse():
     assert torch.allclose(flow.fm_loss(x_pred, x, e, t), expected, rtol=1e-5)
 
 
+def test_capped_fm_loss_is_the_velocity_loss_below_the_cap_and_stops_growing_above():
+    x, e, x_pred = torch.randn(4, 16, 12), torch.randn(4, 16, 12), torch.randn(4, 16, 12)
+    low = torch.tensor([0.1, 0.3, 0.5, 0.6])  # 1 - t > 0.3: the weight is 1 / (1 - t)^2 exactly
+    assert torch.allclose(flow.fm_loss_capped(x_pred, x, low, 0.3), flow.fm_loss(x_pred, x, e, low), rtol=1e-5)
+    high = torch.full((4,), 0.95)  # 1 - t = 0.05 < 0.3: weight 1 / 0.3^2, not 1 / 0.05^2
+    err = ((x_pred - x) ** 2).mean()
+    assert torch.allclose(flow.fm_loss_capped(x_pred, x, high, 0.3), err / 0.09, rtol=1e-5)
+    assert flow.fm_loss(x_pred, x, e, high) > 30 * flow.fm_loss_capped(x_pred, x, high, 0.3)
+
+
 def test_sample_t_is_logit_normal():
     t = flow.sample_t(20000, generator=torch.Generator().manual_seed(0))
     assert t.min() > 0 and t.max() < 1

@@ -258,3 +258,49 @@ def test_smoke_every_loss_term_falls(variant):
         "pixel_cont": {"loss_cont", "loss_fm"}}[variant]
     for k in before:
         assert after[k] < before[k], (k, before[k], after[k])
+
+
+def test_sincos_positions_put_each_rep_cell_on_the_patches_it_covers():
+    from repforce.model import grid_sincos
+
+    gen, rep = grid_sincos(64, 8, 8), grid_sincos(64, 8, 4)  # an 8 x 8 patch grid under a 4 x 4 cell grid
+    assert torch.isclose(gen.pow(2).mean().sqrt(), torch.tensor(0.1))
+    sim = (rep @ gen.T).reshape(16, 8, 8)
+    for cell in range(16):
+        i, j = divmod(cell, 4)
+        near = sim[cell, 2 * i:2 * i + 2, 2 * j:2 * j + 2]  # the four patches under the cell
+        far = sim[cell].clone()
+        far[2 * i:2 * i + 2, 2 * j:2 * j + 2] = -1e9
+        assert near.min() > far.max()
+    m = RFModel(tiny("pixel_rf", pos_init="sincos"))
+    side = m.cfg.gen_size // m.cfg.gen_patch
+    assert torch.equal(m.gen_pos.data, grid_sincos(m.cfg.dim, side, side))
+    assert not torch.equal(RFModel(tiny("pixel_rf")).gen_pos.data, m.gen_pos.data)  # "normal" stays the default
+
+
+def test_2d_image_rope_puts_each_patch_beside_its_rep_cell_and_leaves_text_1d():
+    from repforce.backbone import rope_cos_sin
+    from repforce.model import image_rope_positions
+
+    cfg = tiny("pixel_rf", image_rope="2d")  # 16 x 16 image, 4-px patches: 4 x 4 patches under 2 x 2 cells
+    M, N = cfg.n_rep, cfg.n_gen
+    kind = torch.tensor([[TEXT] * 3 + [REP] * M + [GEN] * N + [TEXT, PAD]])
+    pos = torch.arange(kind.shape[1])[None]
+    rp = image_rope_positions(kind, pos, cfg)
+    text = (kind == TEXT) | (kind == PAD)
+    assert torch.equal(rp[text], pos[text].float()[:, None].expand(-1, 3))  # text: (p, p, p)
+    start = 3.0
+    assert (rp[0, 3:3 + M + N, 0] == start).all()  # one t for the whole image
+    rep_hw, gen_hw = rp[0, 3:3 + M, 1:] - start, rp[0, 3 + M:3 + M + N, 1:] - start
+    assert torch.equal(gen_hw, torch.tensor([[r, c] for r in range(4) for c in range(4)], dtype=torch.float))
+    for j in range(N):  # the patch's own cell is the nearest rep slot, at offset 0.5 in h and w
+        r, c = divmod(j, 4)
+        own = (r // 2) * 2 + c // 2
+        d = (rep_hw - gen_hw[j]).abs().max(dim=1).values
+        assert d.argmin() == own and d[own] == 0.5
+    # a chunk that starts inside the image (a cached rep step) names the image's start
+    assert torch.equal(image_rope_positions(kind[:, 5:6], pos[:, 5:6], cfg, torch.tensor([3])), rp[:, 5:6])
+    # equal components are 1D RoPE exactly: text keeps what a 1D model computes
+    cos3, sin3 = rope_cos_sin(pos[..., None].expand(-1, -1, 3), 16, 1e4)
+    cos1, sin1 = rope_cos_sin(pos, 16, 1e4)
+    assert torch.equal(cos3, cos1) and torch.equal(sin3, sin1)

@@ -200,3 +200,22 @@ def test_reseeded_prototype_starts_at_the_average_column_mass():
         q(feats)
     assert q(feats)[1]["rep_dead"] == 2
     assert torch.allclose(q.col[2:], q.col[:2].mean().expand(2))
+
+
+def test_kmeans_fit_finds_the_clusters_and_then_holds_still():
+    torch.manual_seed(0)
+    centers = F.normalize(torch.randn(8, D), dim=1)
+    feats = _clustered(128, centers)  # 1,024 features around 8 directions
+    q = OnlineQuantizer(8, D, init="kmeans", balance="none", momentum=1.0, dead_after=0)
+    stats = q.fit(feats)
+    assert q.seeded.item() == 1 and stats["used"] == 8
+    assert (q.prototypes @ centers.T).max(dim=0).values.min() > 0.95  # every true centre has its prototype
+    ids, _ = q.eval()(feats)
+    truth = (F.normalize(feats, dim=1) @ centers.T).argmax(dim=1)
+    for k in range(8):  # one id per cluster, one cluster per id
+        assert len(ids[truth == k].unique()) == 1
+    before = q.prototypes.clone()
+    q.train()(feats[:100])  # momentum 1: training batches do not move a fitted codebook
+    assert torch.equal(q.prototypes, before)
+    with pytest.raises(ValueError, match="at least num_codes"):
+        OnlineQuantizer(K, D, init="kmeans").fit(feats[:K - 1])

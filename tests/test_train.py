@@ -39,6 +39,10 @@ def test_bad_config_values_name_the_field():
         C.override(preset("tiny", "pixel"), ["model.dim=big"])
     with pytest.raises(C.ConfigError, match="train.vae"):
         C.validate(preset("tiny", "vae"))
+    for bad, field in (("model.image_rope=3d", "model.image_rope='3d'"), ("model.pos_init=rope", "model.pos_init='rope'"),
+                       ("model.loss_t_eps=1.5", "model.loss_t_eps=1.5"), ("model.rep_init=kmean", "model.rep_init='kmean'")):
+        with pytest.raises(C.ConfigError, match=field):
+            C.override(preset("tiny", "pixel_rf"), [bad])
     assert C.override(preset("tiny", "pixel"), ["optim.betas=0.9,0.99"]).optim.betas == (0.9, 0.99)
 
 
@@ -192,3 +196,61 @@ def test_a_second_writer_is_refused_with_the_holders_pid_and_a_killed_holder_lea
     lock_run(out).close()  # the kernel dropped the dead holder's lock
     train(tiny_run("vlm", "train.steps=1"), out, progress=False)
     assert checkpoint.step_dirs(out / "checkpoints")
+
+
+def test_kmeans_codebook_is_fitted_before_the_first_step_and_never_moves(tmp_path):
+    """rep_init=kmeans with momentum 1, no balancing and a held feature centre (recipe shapes-v3):
+    the trainer fits every prototype to training features before step 0, and the ids' codebook
+    and centre are then the same at every checkpoint, in the weights and in the EMA copy."""
+    run = tmp_path / "km"
+    cfg = tiny_run("pixel_rf", "model.rep_init=kmeans", "model.rep_momentum=1.0", "model.rep_balance=none",
+                   "model.rep_center_momentum=1.0", steps=4, ckpt_every=2)
+    train(cfg, run, progress=False)
+    fit = [json.loads(line)["kmeans"] for line in (run / "log.jsonl").read_text().splitlines() if '"kmeans"' in line]
+    assert len(fit) == 1 and fit[0]["used"] == cfg.model.codebook_size and fit[0]["mean_cos"] > 0.5
+    states = [checkpoint.read(d)[0] for d in checkpoint.step_dirs(run / "checkpoints")]
+    assert len(states) == 2
+    for name in ("quantizer.prototypes", "feat_center.mean"):
+        vals = [s[part][name] for s in states for part in ("model", "ema")]
+        assert vals[0].abs().sum() > 0 and all(torch.equal(vals[0], v) for v in vals[1:]), name
+
+
+def _poison(monkeypatch, bad_calls):
+    """RFModel.forward returns a NaN loss on the given (1-based) calls; the rest are untouched."""
+    from repforce.model import RFModel
+
+    real, calls = RFModel.forward, [0]
+
+    def forward(self, batch):
+        out = real(self, batch)
+        calls[0] += 1
+        if calls[0] in bad_calls:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(RFModel, "forward", forward)
+
+
+def test_a_non_finite_step_is_skipped_counted_and_never_reaches_the_weights_or_the_ema(tmp_path, monkeypatch):
+    _poison(monkeypatch, {3, 4})
+    run = tmp_path / "nan"
+    summary = train(tiny_run("pixel_rf", steps=6, log_every=1, precision="fp32"), run, progress=False)
+    assert summary["step"] == 6 and summary["skipped_nonfinite"] == 2
+    rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "skipped" in r] == [3, 4]
+    state, _ = checkpoint.read(run / "checkpoints")
+    for part in ("model", "ema"):
+        assert all(torch.isfinite(v).all() for v in state[part].values() if v.is_floating_point()), part
+
+
+def test_non_finite_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from repforce.train import RunError
+
+    _poison(monkeypatch, {5, 6, 7})
+    run = tmp_path / "nan"
+    with pytest.raises(RunError, match="3 steps in a row with a non-finite loss"):
+        train(tiny_run("pixel_rf", "train.max_bad_steps=3", steps=10, ckpt_every=2, precision="fp32"), run,
+              progress=False)
+    assert [d.name for d in checkpoint.step_dirs(run / "checkpoints")][-1] == "step_00000004"
+    state, _ = checkpoint.read(run / "checkpoints")
+    assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["ema"].values() if v.is_floating_point())

@@ -43,13 +43,19 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (B, 1, L, Dh) for integer positions (B, L), Hugging Face layout.
+    """cos, sin of shape (B, 1, L, Dh) for integer positions (B, L), Hugging Face layout, or for
+    multimodal positions (B, L, 3) (model.image_rope_positions), the three components interleaved
+    over the frequency pairs as Qwen3-VL's interleaved MRoPE, so each gets high and low frequencies.
 
     HF rotates the two halves of the head dim (rotate_half), so frequencies repeat:
     cos = [cos(p f_0..f_{Dh/2-1}), cos(p f_0..f_{Dh/2-1})].
     """
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.float()[..., None] * inv_freq  # (B, L, Dh/2)
+    if positions.dim() == 3:  # (B, L, 3) multimodal positions (t, h, w), interleaved: pair k rotates by component k % 3
+        comp = torch.arange(head_dim // 2, device=positions.device) % 3
+        angles = positions.float()[..., comp] * inv_freq  # (B, L, Dh/2); equal components = 1D RoPE exactly
+    else:
+        angles = positions.float()[..., None] * inv_freq  # (B, L, Dh/2)
     angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, L, Dh)
     return angles.cos(), angles.sin()
 

@@ -24,6 +24,7 @@ from .quantizer import BALANCES, INITS, STATS
 VARIANTS = ("vlm", "pixel", "pixel_rf", "vae", "vae_rf", "pixel_repa", "pixel_cont")
 KINDS = ("wds", "hf", "jsonl")  # real-data source kinds (datasources.py)
 TASKS = ("gen", "und", "both")  # what a real-data source feeds
+POS_INITS = ("normal", "sincos")  # ModelConfig.pos_init
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,10 @@ class ModelConfig:
     gen_size: int = 32  # side of gen_x (32 pixels, 8 latents)
     gen_patch: int = 4  # patch side of gen_x (4 pixels, 1 latents)
     gen_head_hidden: int = 0  # pixel head: 0 = linear, else hidden width of a 2-layer MLP
+    image_rope: str = "1d"  # RoPE of the rep and gen slots: "1d" raster positions, or "2d": (t, h, w) with h, w
+    # the slot's place on the gen-patch grid, rep cells at the centre of the patches they cover (model.image_rope_positions)
+    pos_init: str = "normal"  # gen_pos / rep_pos at init: "normal" (std 0.02) or "sincos" (2D sin-cos on one
+    # grid, each rep cell at the centre of the gen patches it covers: model.grid_sincos)
     rep_pool: int = 2  # rep cell = rep_pool x rep_pool encoder patches, average pooled
     codebook_size: int = 256  # K rep ids (16,384 at scale)
     rep_temperature: float = 0.5  # cosine / temperature before balancing
@@ -73,6 +78,7 @@ class ModelConfig:
     t_mean: float = T_MEAN  # logit-normal location of train-time t
     t_std: float = T_STD  # logit-normal scale of train-time t
     t_eps: float = T_EPS  # floor of 1 - t in x -> v
+    loss_t_eps: float = 0.0  # > 0: L_FM's weight 1 / (1 - t)^2 capped at 1 / loss_t_eps^2 (flow.fm_loss_capped); 0: as printed
     repa_layer: int = 1  # pixel_repa: 0-based block whose output is aligned
     repa_weight: float = 0.5  # pixel_repa: weight of the alignment loss (REPA's lambda)
     cont_width: int = 256  # pixel_cont: flow head width
@@ -100,6 +106,9 @@ class ModelConfig:
         check(self.enc_dim % self.enc_heads == 0, "enc_dim", f"not divisible by enc_heads={self.enc_heads}")
         check((self.image_size // self.enc_patch) % self.rep_pool == 0, "rep_pool", "must divide the encoder grid")
         check(self.gen_size % self.gen_patch == 0, "gen_size", f"not divisible by gen_patch={self.gen_patch}")
+        check(0 <= self.loss_t_eps < 1, "loss_t_eps", "must be in [0, 1)")
+        check(self.image_rope in ("1d", "2d"), "image_rope", "must be 1d or 2d")
+        check(self.pos_init in POS_INITS, "pos_init", f"must be one of {POS_INITS}")
         check(self.rep_balance in BALANCES, "rep_balance", f"must be one of {BALANCES}")
         check(self.rep_init in INITS, "rep_init", f"must be one of {INITS}")
         check(self.rep_balance_stats in STATS, "rep_balance_stats", f"must be one of {STATS}")
@@ -232,6 +241,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile each transformer block
     train_only: str = ""  # comma-separated parameter-name prefixes to train, the rest frozen ("" = all)
     freeze: str = ""  # comma-separated parameter-name prefixes kept frozen (after train_only), e.g. "encoder."
+    max_bad_steps: int = 20  # a step with a non-finite loss or gradient is skipped (no update, EMA untouched);
+    # this many in a row stop the run with an error, the last checkpoint kept (1 = stop at the first)
 
 
 @dataclass(frozen=True)
@@ -276,6 +287,7 @@ def validate(cfg: Config) -> Config:
     t, o, d, m = cfg.train, cfg.optim, cfg.data, cfg.model
     need(t.steps >= 0, "train.steps", t.steps, "must be >= 0")
     need(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
+    need(t.max_bad_steps >= 1, "train.max_bad_steps", t.max_bad_steps, "must be >= 1")
     need(t.precision in ("auto", "bf16", "fp32"), "train.precision", t.precision, "must be auto, bf16 or fp32")
     need(0 <= t.ema < 1, "train.ema", t.ema, "must be in [0, 1)")
     need(t.ckpt_every >= 1, "train.ckpt_every", t.ckpt_every, "must be >= 1")

@@ -170,7 +170,7 @@ class Engine:
             if o.use_cache and i < M - 1:
                 h = m.embed_rep(step_in, start=i)
                 kk = torch.full((2 * B, 1), REP, device=self.device)
-                last = m.forward_hidden(h, kk, next_pos + i, kv_cache=cache)[:, -1]
+                last = m.forward_hidden(h, kk, next_pos + i, kv_cache=cache, image_start=next_pos)[:, -1]
         return torch.stack(values, 1)
 
     def _gen_prefix_batch(self, prompts: list[str], reps: torch.Tensor | None):

@@ -72,6 +72,17 @@ def fm_loss(x_pred: torch.Tensor, x: torch.Tensor, e: torch.Tensor, t: torch.Ten
     return F.mse_loss(x_to_v(x_pred, z, t.float(), t_eps), x - e)
 
 
+def fm_loss_capped(x_pred: torch.Tensor, x: torch.Tensor, t: torch.Tensor, floor: float) -> torch.Tensor:
+    """The velocity loss with its weight capped: || x_pred - x ||^2 / max(1 - t, floor)^2, in fp32.
+
+    For t < 1 - floor this is exactly || v_pred - v ||^2 (v_pred - v = (x_pred - x) / (1 - t)); above,
+    the weight 1 / (1 - t)^2 stops growing at 1 / floor^2, as Min-SNR weighting (Hang et al. 2023)
+    caps the near-clean end that otherwise dominates the gradient with easy denoising."""
+    x_pred, x = x_pred.float(), x.float()
+    w = 1 / (1 - _bcast(t.float(), x)).clamp(min=floor) ** 2
+    return (w * (x_pred - x) ** 2).mean()
+
+
 def shift_t(t: torch.Tensor, s: float) -> torch.Tensor:
     """Timestep shift t' = s t / (1 + (s - 1) t); fixes 0 and 1."""
     return s * t / (1 + (s - 1) * t)

@@ -62,6 +62,63 @@ def attention_mask(q_kind: torch.Tensor, q_pos: torch.Tensor, k_kind: torch.Tens
     return allowed[:, None]
 
 
+def image_rope_positions(kind: torch.Tensor, positions: torch.Tensor, cfg, start: torch.Tensor | None = None):
+    """Multimodal RoPE positions (B, L, 3) float for model.image_rope="2d".
+
+    Every slot but the rep and gen slots keeps its 1D position p as (p, p, p), which is 1D RoPE
+    exactly (so text and understanding are unchanged). The image of a generation sample, whose
+    first slot (the first rep slot, or the first gen slot without reps) has 1D position `start`,
+    gets t = start and (h, w) = start + its place on the gen-patch grid: gen patch (r, c) at
+    (r, c), rep cell (i, j) at the centre of the patches it covers. A gen patch and the rep cell
+    over it are then at relative offset < 1 in h and w, whatever their distance in the sequence.
+    The layout is [M rep slots][N gen slots] with consecutive positions, so a slot's index is
+    its position minus start (minus M for gen slots). start (B,) or (B, 1): given by a caller
+    whose chunk begins inside the image (a cached rep step); else the chunk's first rep
+    position, or its first gen position minus M."""
+    m = cfg.n_rep if cfg.rep_slots else 0
+    side = cfg.gen_size // cfg.gen_patch
+    cells = math.isqrt(cfg.n_rep) if m else 1
+    p = positions.float()
+    out = p[..., None].expand(*p.shape, 3).clone()
+    is_rep, is_gen = kind == REP, kind == GEN
+    if not (is_rep.any() or is_gen.any()):
+        return out
+    if start is None:
+        big = torch.full_like(p, float("inf"))
+        first_rep = torch.where(is_rep, p, big).min(dim=1).values
+        first_gen = torch.where(is_gen, p, big).min(dim=1).values - m
+        start = torch.where(torch.isfinite(first_rep), first_rep, first_gen)
+    start = start.float().reshape(-1, 1).expand_as(p)  # (B, L)
+    idx = p - start - is_gen.float() * m  # slot index inside its block
+    gen_r, gen_c = torch.div(idx, side, rounding_mode="floor"), torch.remainder(idx, side)
+    scale = side / cells
+    rep_r = (torch.div(idx, cells, rounding_mode="floor") + 0.5) * scale - 0.5
+    rep_c = (torch.remainder(idx, cells) + 0.5) * scale - 0.5
+    r = torch.where(is_rep, rep_r, gen_r)
+    c = torch.where(is_rep, rep_c, gen_c)
+    img = (is_rep | is_gen)
+    out[..., 0] = torch.where(img, start, p)
+    out[..., 1] = torch.where(img, start + r, p)
+    out[..., 2] = torch.where(img, start + c, p)
+    return out
+
+
+def grid_sincos(dim: int, side: int, cells: int, scale: float = 0.1) -> torch.Tensor:
+    """2D sin-cos position embeddings (cells**2, dim) of a cells x cells grid laid over a side x side grid
+    of gen patches: cell (i, j) sits at the centre of the patches it covers, so a rep cell and the gen
+    patches under it get neighbouring embeddings (MAE's 2D sin-cos, half the width per axis), scaled to
+    RMS `scale`: the size of the inputs it is added to, not 0.7 of the raw sinusoid."""
+    quarter = dim // 4
+    # angular frequencies from pi (wavelength 2 patches) down to wavelength 4 * side: sharp at this grid's size
+    freqs = math.pi * (2.0 * side) ** (-torch.arange(quarter, dtype=torch.float64) / max(1, quarter - 1))
+    c = (torch.arange(cells, dtype=torch.float64) + 0.5) * side / cells - 0.5  # centres in gen-patch units
+    y, x = torch.meshgrid(c, c, indexing="ij")
+    parts = [f(a.reshape(-1, 1) * freqs) for a in (y, x) for f in (torch.sin, torch.cos)]
+    emb = torch.cat(parts, dim=1)
+    emb = torch.cat([emb, emb.new_zeros(emb.shape[0], dim - emb.shape[1])], dim=1)  # dim not a multiple of 4
+    return (emb * scale / emb.pow(2).mean().sqrt()).float()
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal features (B, dim) of t in [0, 1], scaled by 1000 so the frequencies match DiT's integer steps."""
     half = dim // 2
@@ -175,6 +232,12 @@ class RFModel(nn.Module):
         for name in ("gen_pos", "rep_pos", "null_rep"):
             if hasattr(self, name):
                 nn.init.normal_(getattr(self, name), std=std)
+        if self.cfg.pos_init == "sincos":
+            c, side = self.cfg, self.cfg.gen_size // self.cfg.gen_patch
+            if hasattr(self, "gen_pos"):
+                self.gen_pos.copy_(grid_sincos(c.dim, side, side))
+            if hasattr(self, "rep_pos"):
+                self.rep_pos.copy_(grid_sincos(c.dim, side, c.image_size // c.enc_patch // c.rep_pool))
         heads = [getattr(self, n, None) for n in ("rep_head", "gen_head")]
         heads += [self.cont_head.out] if hasattr(self, "cont_head") else []
         heads += [] if self.cfg.tie_embeddings else [self.lm_head]
@@ -249,8 +312,11 @@ class RFModel(nn.Module):
         return self.backbone.new_kv_cache(batch, max_len, device)
 
     def forward_hidden(self, h: torch.Tensor, kind: torch.Tensor, positions: torch.Tensor,
-                       kv_cache: KVCache | None = None, commit: bool = True, return_layer: int | None = None):
+                       kv_cache: KVCache | None = None, commit: bool = True, return_layer: int | None = None,
+                       image_start: torch.Tensor | None = None):
         """Backbone over input embeddings h (B, L, D) of the given kinds and positions (B, L).
+        image_start: with image_rope="2d", the 1D position of the image's first slot when this chunk
+        starts inside the image (image_rope_positions); positions stay 1D for the mask and the cache.
 
         With a kv_cache the queries attend to its prefix and themselves; commit=False is
         the frozen-prefix use (the pixel block at each ODE step). Returns the final
@@ -260,7 +326,8 @@ class RFModel(nn.Module):
             mask = attention_mask(kind, positions)
         else:
             mask = attention_mask(kind, positions, *kv_cache.keys_meta(kind, positions))
-        out = self.backbone(h, self.expert_ids(kind), mask, positions, kv_cache, return_layer)
+        rope = image_rope_positions(kind, positions, self.cfg, image_start) if self.cfg.image_rope == "2d" else positions
+        out = self.backbone(h, self.expert_ids(kind), mask, rope, kv_cache, return_layer)
         if kv_cache is not None and commit:
             kv_cache.commit(kind, positions)
         return out
@@ -380,7 +447,12 @@ class RFModel(nn.Module):
                 x_pred = self.gen_head(hidden[kind == GEN])  # (G*N, P)
                 xp = patchify(aux["x"], cfg.gen_patch)  # (G, N, P)
                 ep = patchify(aux["e"], cfg.gen_patch)  # (G, N, P)
-                fm_mean = flow.fm_loss(x_pred.view_as(xp), xp, ep, aux["t"], cfg.t_eps) if G else 0 * x_pred.sum()
+                if not G:
+                    fm_mean = 0 * x_pred.sum()
+                elif cfg.loss_t_eps:
+                    fm_mean = flow.fm_loss_capped(x_pred.view_as(xp), xp, aux["t"], cfg.loss_t_eps)
+                else:
+                    fm_mean = flow.fm_loss(x_pred.view_as(xp), xp, ep, aux["t"], cfg.t_eps)
                 out["loss_fm"] = fm_mean if norm["gen"] is None else mean(fm_mean * G, G, "gen")
         if cfg.rep_slots:
             # the position just before each rep slot predicts it (BOI for the first); not in rep-dropped samples

@@ -6,6 +6,7 @@
 
     tiny         seconds per step on a laptop CPU: for tests
     shapes       the real small run of the shapes world (about 10M parameters, 32x32 images)
+    shapes_v2    recipe shapes-v2 as recorded (the shipped shapes_vlm's; online quantizer, 1D image positions)
     shapes_v1    the same as the recorded study ran it (random encoder, before recipe shapes-v2)
     scale        Qwen3-30B-A3B (MoE, 3B active) + DINOv3 ViT-H+/16, K = 16,384   (the paper's)
     scale_small  Qwen3-0.6B (dense) + DINOv3 ViT-S/16, K = 16,384                (one GPU)
@@ -57,14 +58,29 @@ def preset_tiny() -> Config:
                               precision="fp32"))  # tests compare numbers: the same on every CPU
 
 
-SHAPES_RECIPE = "shapes-v2"  # Config.recipe of the shapes preset; bumped whenever its defaults change
+SHAPES_RECIPE = "shapes-v3"  # Config.recipe of the shapes preset; bumped whenever its defaults change
 
 
 def preset_shapes() -> Config:
     """The real small run of the shapes world: about 10M parameters (6M active per token), 32x32 images.
 
-    Recipe shapes-v2 (docs/results/findings.md, "Recipe shapes-v2"), shapes-v1 with: the vlm stage
-    starts from the shipped world encoder (the small world's DINOv3) and keeps it frozen in every
+    Recipe shapes-v3 (docs/results/findings.md, "Recipe shapes-v3"), shapes-v2 with stationary rep
+    tokens and image positions a pixel patch can find its rep cell by: the codebook is fitted by
+    k-means to the frozen encoder's features before the first step and then held (momentum 1, no
+    balancing, feature centre held), so an id means the same thing at every step; gen_pos and
+    rep_pos start as one 2D sin-cos grid, and the rep and gen slots take 2D RoPE positions (each
+    rep cell at the centre of the patches it covers); and L_FM's weight capped at t = 0.7 (Min-SNR-5,
+    loss_t_eps 0.3), so the noisy half of the path, where only the rep tokens say where things are,
+    is not drowned by the near-clean end."""
+    v2 = preset_shapes_v2()
+    return replace(v2, model=replace(v2.model, rep_init="kmeans", rep_momentum=1.0, rep_balance="none",
+                                     rep_center_momentum=1.0, pos_init="sincos", image_rope="2d", loss_t_eps=0.3),
+                   recipe=SHAPES_RECIPE)
+
+
+def preset_shapes_v2() -> Config:
+    """Recipe shapes-v2 as recorded (docs/results/findings.md, "Recipe shapes-v2"), shapes-v1 with: the vlm
+    stage starts from the shipped world encoder (the small world's DINOv3) and keeps it frozen in every
     stage, as the paper's stage 1 keeps its DINOv3; eight questions per understanding image (the
     image is paid once, the answers are 8x the supervision); the pixel-guidance branch (text and
     reps dropped together) trained on 10% of generation samples; train-time t centred on the middle
@@ -72,7 +88,7 @@ def preset_shapes() -> Config:
     setting almost never visits)."""
     v1 = preset_shapes_v1()
     return replace(v1, model=replace(v1.model, t_mean=0.0, t_std=1.0), data=replace(v1.data, qa_turns=8, drop_both=0.1),
-                   train=replace(v1.train, encoder_init="shapes_encoder", freeze="encoder."), recipe=SHAPES_RECIPE)
+                   train=replace(v1.train, encoder_init="shapes_encoder", freeze="encoder."), recipe="shapes-v2")
 
 
 def preset_shapes_v1() -> Config:
@@ -159,7 +175,7 @@ def scale_small_s3() -> Config:
     return _preset(QWEN3_0_6B, DINOV3_VITS16, 3, 16, 512)
 
 
-PRESETS = {"tiny": preset_tiny, "shapes": preset_shapes, "shapes_v1": preset_shapes_v1, "scale_s1": scale_s1,
+PRESETS = {"tiny": preset_tiny, "shapes": preset_shapes, "shapes_v2": preset_shapes_v2, "shapes_v1": preset_shapes_v1, "scale_s1": scale_s1,
            "scale_s2": scale_s2,
            "scale_s3": scale_s3, "scale_small_s1": scale_small_s1, "scale_small_s2": scale_small_s2,
            "scale_small_s3": scale_small_s3}

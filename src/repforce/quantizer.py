@@ -32,6 +32,13 @@ features are. Random unit vectors in a few hundred dimensions are far from every
 shapes world only ~20 of 256 of them ever win an argmax, and re-seeding dead ones at random
 features makes the ids churn (docs/RESULTS.md, "The quantizer on the shapes world").
 
+"kmeans": before the first step the trainer fits the prototypes by spherical k-means to the
+features of a few thousand training images (`fit`, train.fit_quantizer). With a frozen encoder,
+momentum 1 and no balancing (recipe shapes-v3) the ids are then a fixed function of the image
+from the first step: measured on the shapes world, the online quantizer of shapes-v2 spreads the
+identical empty cells of a held-out set over 153 ids (6.1 bits), so that half of what the rep stage
+must predict and the renderer must read is noise (docs/results/findings.md, "Recipe shapes-v3").
+
 Dead prototypes: a prototype that receives no feature for `dead_after` updates is
 re-seeded at a random feature of the current batch. Everything here runs in fp32
 under no_grad: ids carry no gradient, nothing flows back into the encoder.
@@ -53,7 +60,7 @@ from . import runtime
 
 BALANCES = ("softmax", "sinkhorn", "none")
 STATS = ("batch", "running")
-INITS = ("random", "data")
+INITS = ("random", "data", "kmeans")
 
 
 def pool2x2(x: torch.Tensor, k: int = 2) -> torch.Tensor:
@@ -227,9 +234,45 @@ class OnlineQuantizer(nn.Module):
             stats["rep_ppl_ema"] = perplexity(self.usage)
         return ids.view(lead), stats
 
+    @torch.no_grad()
+    def fit(self, feats: torch.Tensor, iters: int = 25, seed: int = 0) -> dict[str, float]:
+        """Spherical k-means of feats (M, D) into the prototypes (init="kmeans"): k-means++ seeding, then
+        `iters` rounds of argmax-cosine assignment and mean direction; an empty cluster is re-seeded at
+        the feature its prototype explains worst. Marks the quantizer seeded. Returns the fit's stats."""
+        z = F.normalize(feats.detach().reshape(-1, feats.shape[-1]).float(), dim=1)  # (M, D)
+        K, M = self.num_codes, z.shape[0]
+        if M < K:
+            raise ValueError(f"k-means needs at least num_codes={K} features, got {M}")
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        picks = [int(torch.randint(M, (1,), generator=g))]
+        best = 1 - z @ z[picks[0]]  # (M,) cosine distance to the nearest chosen centre
+        for _ in range(K - 1):  # k-means++: the next centre with probability ~ distance^2
+            w = best.clamp(min=0).pow(2).cpu()
+            i = int(torch.multinomial(w, 1, generator=g)) if float(w.sum()) > 0 else int(torch.randint(M, (1,), generator=g))
+            picks.append(i)
+            best = torch.minimum(best, 1 - z @ z[i])
+        c = z[picks].clone()  # (K, D)
+        for _ in range(iters):
+            sim = z @ c.T  # (M, K)
+            ids = sim.argmax(dim=1)
+            sums = torch.zeros_like(c).index_add_(0, ids, z)
+            counts = torch.bincount(ids, minlength=K)
+            empty = counts == 0
+            c = torch.where(empty[:, None], c, F.normalize(sums, dim=1))
+            if empty.any():
+                worst = sim.gather(1, ids[:, None]).squeeze(1).argsort()[:int(empty.sum())]  # least explained features
+                c[empty] = z[worst]
+        ids = (z @ c.T).argmax(dim=1)
+        self.prototypes.copy_(c)
+        self.seeded.fill_(1.0)
+        counts = torch.bincount(ids, minlength=K)
+        return {"features": M, "used": int((counts > 0).sum()), "ppl": float(perplexity(counts)),
+                "mean_cos": float((z * c[ids]).sum(1).mean())}
+
     def _update(self, z, ids, counts, reduce=None) -> dict[str, torch.Tensor]:
         """counts: assignments per prototype over the global batch; reduce: the sum over ranks, or None."""
-        self.prototypes.copy_(momentum_update(self.prototypes, z, ids, self.momentum, reduce or _local))
+        if self.momentum < 1:  # momentum 1 holds the codebook exactly (a fitted one, init="kmeans")
+            self.prototypes.copy_(momentum_update(self.prototypes, z, ids, self.momentum, reduce or _local))
         self.usage.mul_(self.usage_decay).add_(counts.float() / counts.sum().clamp(min=1), alpha=1 - self.usage_decay)
         self.unused.add_(1).masked_fill_(counts > 0, 0)
         if self.dead_after <= 0:

@@ -262,6 +262,30 @@ def train(cfg: Config, out: str | Path, resume: bool = False, progress: bool = T
             lock.close()  # closing drops the lock; the file stays, unlocked
 
 
+KMEANS_BATCHES = 64  # batches of training images whose features fit a rep_init="kmeans" codebook (2,048 at 32)
+KMEANS_STEP = 10**8  # ... drawn at these steps of the data stream, which no run reaches: the fit sees other images
+
+
+@torch.no_grad()
+def fit_quantizer(model: RFModel, batches: list[dict], rep_pool: int) -> dict:
+    """rep_init="kmeans": set the feature centre to the mean of the target encoder's features on these
+    batches' images and fit the prototypes to their pooled, centred cells by spherical k-means. Every
+    rank fits on its own share; rank 0's fit is then copied to all, so the codebooks agree."""
+    from .quantizer import pool2x2
+
+    raw = torch.cat([model.ema_features(b["images"]).float() for b in batches])  # (n, E, De)
+    if hasattr(model, "feat_center"):
+        model.feat_center.mean.copy_(raw.reshape(-1, raw.shape[-1]).mean(0))
+        model.feat_center.ready.fill_(1.0)
+        raw = raw - model.feat_center.mean
+    stats = model.quantizer.fit(pool2x2(raw, rep_pool))
+    if runtime.world_size() > 1:
+        own = float(runtime.rank() == 0)
+        for buf in [model.quantizer.prototypes] + ([model.feat_center.mean] if hasattr(model, "feat_center") else []):
+            buf.copy_(runtime.all_sum(buf * own))
+    return stats
+
+
 def _train(cfg: Config, out: Path, resume: bool, progress: bool, minutes: float | None, rt) -> dict:
     cfg, tok = prepare_run(cfg, out, resume)
     t = cfg.train
@@ -293,11 +317,18 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, minutes: float 
             batch["gen_x"] = vae(batch["images"])
         return batch
 
+    fit = step == 0 and cfg.model.rep_init == "kmeans" and hasattr(model, "quantizer") and not model.quantizer.seeded
+    if fit:  # a codebook that came with --init (a later stage) is kept: its ids are what the rep table learned
+        fitted = fit_quantizer(model, [next_batch(KMEANS_STEP + i) for i in range(KMEANS_BATCHES)], cfg.model.rep_pool)
+        for a, b in zip(ema.buffers(), model.buffers()):
+            a.copy_(b)
     precision, why = runtime.choose_precision(t.precision, dev, _step_timer(cfg, model, stream, vae, step, dev))
     log = runtime.main_file(out / "log.jsonl")  # rank 0 writes, the others write nowhere
     if init_report is not None and step == 0:
         log.write(json.dumps({"init": t.init, **{k: len(v) for k, v in init_report.items()}}) + "\n")
     log.write(json.dumps({"precision": precision, "why": why, "from_step": step}) + "\n")
+    if fit:
+        log.write(json.dumps({"kmeans": fitted}) + "\n")
     if rt.is_main and progress:
         tqdm.write(f"precision: {precision} ({why})")
 
@@ -312,6 +343,7 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, minutes: float 
                 "cpu_s": spent["cpu_s"] + time.process_time() - start_cpu}
 
     tokens_seen, window_t, window_tok = 0, time.time(), 0
+    bad_in_row, bad_total = 0, 0  # steps skipped for a non-finite loss or gradient
     # with a wall-time budget the bar counts its seconds (the step count is then only an upper bound)
     budget = minutes is not None
     bar = tqdm(total=round(minutes * 60) if budget else t.steps, initial=0 if budget else step, unit="s" if budget
@@ -329,9 +361,23 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, minutes: float 
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()
             gnorm = runtime.clip_grad_norm_(model.parameters(), cfg.optim.clip)
-            opt.step()
-            model.update_ema_encoder()
-            update_weight_ema(ema, model, min(t.ema, (1 + step) / (10 + step)))  # warmup: early weights fade fast
+            finite = bool(torch.isfinite(losses["loss"].detach()).item() and torch.isfinite(gnorm).item())
+            if runtime.any_rank(not finite, dev):  # skipped on every rank: no update, no EMA, the batch is spent
+                opt.zero_grad(set_to_none=True)
+                bad_in_row, bad_total = bad_in_row + 1, bad_total + 1
+                log.write(json.dumps({"step": step + 1, "skipped": "non-finite loss or gradient",
+                                      "loss": float(losses["loss"].detach()), "grad_norm": float(gnorm),
+                                      "in_a_row": bad_in_row}) + "\n")
+                log.flush()
+                if bad_in_row >= max(1, t.max_bad_steps):
+                    raise RunError(f"{bad_in_row} steps in a row with a non-finite loss or gradient (at step {step + 1}; "
+                                   f"train.max_bad_steps={t.max_bad_steps}); nothing was saved from them, the last "
+                                   f"checkpoint in {out / 'checkpoints'} is the last good state")
+            else:
+                bad_in_row = 0
+                opt.step()
+                model.update_ema_encoder()
+                update_weight_ema(ema, model, min(t.ema, (1 + step) / (10 + step)))  # warmup: early weights fade fast
             step += 1
             n_tok = int((batch["kind"] != 0).sum())
             tokens_seen += n_tok
@@ -348,6 +394,8 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, minutes: float 
                 row = {"step": step, "lr": opt.param_groups[0]["lr"] / opt.param_groups[0]["lr_mult"],
                        "grad_norm": float(gnorm), "step_time": now - t0, "tokens_per_s": window_tok / (now - window_t)}
                 row.update(runtime.mean_over_ranks(losses))
+                if bad_total:
+                    row["skipped_total"] = bad_total
                 row.update(getattr(stream, "log_stats", dict)())  # real data: samples skipped, per reason
                 log.write(json.dumps(row) + "\n")
                 log.flush()
@@ -357,7 +405,7 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, minutes: float 
                                 row.items() if k.startswith("loss")} | {"tok/s": f"{row['tokens_per_s']:.0f}"})
             if stopped or out_of_time:
                 break  # saved below
-            if step % t.ckpt_every == 0 and step < t.steps:
+            if step % t.ckpt_every == 0 and step < t.steps and not bad_in_row:  # none inside a non-finite streak
                 save()
     bar.close()
     save()
@@ -367,7 +415,7 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, minutes: float 
         raise Stopped(f"stopped by {name} at step {step} of {t.steps}; checkpoint saved in {out / 'checkpoints'}; "
                       f"continue with: repforce train --out {out} --resume", got[0] or signal.SIGTERM)
     wall = time.time() - start_time
-    return {"step": step, **clock(), "threads": torch.get_num_threads(), "tokens_per_s": tokens_seen / max(wall, 1e-9),
+    return {"step": step, **clock(), "skipped_nonfinite": bad_total, "threads": torch.get_num_threads(), "tokens_per_s": tokens_seen / max(wall, 1e-9),
             "precision": precision, "last": last, "run": str(out)}
 
 

@@ -15,7 +15,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from .. import flow
 from ..engine import Engine, GenOptions, to_uint8
+from ..sequence import GEN
 from ..worlds import fashion as fm
 from ..worlds import metrics, shapes, shapeseval
 
@@ -69,6 +71,39 @@ def oracle_shapeseval(engine: Engine, n: int = 2, options: GenOptions | None = N
     arr = np.concatenate(out)
     scored = shapeseval.score_images({(p.index, k): a for (p, k), a in zip(rows, arr)}, per_category)
     return scored.scores, arr
+
+
+@torch.no_grad()
+def rep_reliance(engine: Engine, n: int = 64, ts: tuple[float, ...] = (0.1, 0.3), seed: int = 0) -> dict:
+    """How much the pixel stage reads its rep tokens: on n held-out scenes under their captions, the
+    x-prediction's MSE at each t given the scene's own rep ids (ground truth, as in training) and
+    given another scene's (the batch rolled by one), same noise. A renderer that ignores the rep
+    tokens scores the two alike (gap 0); at low t, where the noisy pixels say little, a renderer
+    that reads them is much closer with its own. Returns {"mse_own": {t: .}, "mse_other": {t: .},
+    "gap": {t: other - own}}."""
+    if not engine.cfg.rep_ids:
+        raise ValueError(f"rep reliance needs rep ids; a {engine.cfg.variant} model has none")
+    m, c = engine.model, engine.cfg
+    scenes = shapes.scenes("heldout", 0, n, c.image_size)
+    x = torch.stack([engine._image_tensor(shapes.render(sc)) for sc in scenes]).to(engine.device).float()
+    prompts = [shapes.caption(sc) for sc in scenes]
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    e = torch.randn(x.shape, generator=g).to(engine.device)
+    out = {"mse_own": {}, "mse_other": {}, "gap": {}}
+    with engine._autocast():
+        ids, _ = m.rep_targets(x)
+        for key, reps in (("mse_own", ids), ("mse_other", ids.roll(1, 0))):
+            h, kind, pos = engine._gen_prefix_batch(prompts, reps)
+            h, kind, pos = h[:n], kind[:n], pos[:n]  # the conditional rows
+            gkind = torch.full((n, c.n_gen), GEN, device=engine.device)
+            gpos = pos[:, -1:] + 1 + torch.arange(c.n_gen, device=engine.device)
+            for t in ts:
+                tt = torch.full((n,), t, device=engine.device)
+                hid = m.forward_hidden(torch.cat([h, m.embed_gen(flow.interpolate(x, e, tt), tt)], 1),
+                                       torch.cat([kind, gkind], 1), torch.cat([pos, gpos], 1))[:, -c.n_gen:]
+                out[key][str(t)] = float((m.gen_pred(hid).float() - x).pow(2).mean())
+    out["gap"] = {t: out["mse_other"][t] - out["mse_own"][t] for t in out["mse_own"]}
+    return out
 
 
 def vqa(engine: Engine, n: int = 200, canvas: int = 32, batch_size: int = 50) -> dict:
