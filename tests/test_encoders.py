@@ -73,7 +73,8 @@ def test_the_shapes_preset_is_recipe_v3_and_v1_v2_stay_as_recorded():
     m = v3.model
     assert (m.rep_init, m.rep_momentum, m.rep_balance, m.rep_center_momentum, m.pos_init, m.image_rope,
             m.loss_t_eps) == ("kmeans", 1.0, "none", 1.0, "sincos", "2d", 0.3)
-    assert v3.data == v2.data and v3.train == v2.train and v3.optim == v2.optim  # v3 changes the model only
+    v2rf = preset("shapes_v2", "pixel_rf")
+    assert v3.data == v2rf.data and v3.train == v2rf.train and v3.optim == v2rf.optim  # v3 changes the model only
     assert v2.recipe == "shapes-v2" and v1.recipe == "shapes-v1"
     assert (v2.train.encoder_init, v2.train.freeze, v2.data.qa_turns, v2.data.drop_both) == (
         "shapes_encoder", "encoder.", 8, 0.1)

@@ -187,7 +187,7 @@ def test_bad_quantizer_settings_name_the_field():
     with pytest.raises(ValueError, match="stats"):
         OnlineQuantizer(K, D, stats="queue")
     with pytest.raises(ValueError, match="init"):
-        OnlineQuantizer(K, D, init="kmeans")
+        OnlineQuantizer(K, D, init="kmedoids")
 
 
 def test_reseeded_prototype_starts_at_the_average_column_mass():

@@ -37,6 +37,7 @@ from .config import Config, DataConfig, validate
 from .data import build_world_tokenizer, local_batch, make_stream, sample_at
 from .model import RFModel
 from .parallelize import parallelize, shard_like
+from .quantizer import pool2x2
 from .sequence import Layout
 from .tokenizer import load_tokenizer
 from .vae import VAEEncoder, decode, encode, make_vae
@@ -271,8 +272,6 @@ def fit_quantizer(model: RFModel, batches: list[dict], rep_pool: int) -> dict:
     """rep_init="kmeans": set the feature centre to the mean of the target encoder's features on these
     batches' images and fit the prototypes to their pooled, centred cells by spherical k-means. Every
     rank fits on its own share; rank 0's fit is then copied to all, so the codebooks agree."""
-    from .quantizer import pool2x2
-
     raw = torch.cat([model.ema_features(b["images"]).float() for b in batches])  # (n, E, De)
     if hasattr(model, "feat_center"):
         model.feat_center.mean.copy_(raw.reshape(-1, raw.shape[-1]).mean(0))
