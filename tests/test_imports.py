@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "repforce"
 LAYERS = [
     ["flow", "runtime", "backbone", "encoder", "tokenizer"],  # leaves: math, the process, the networks, text
     ["quantizer", "sequence"],
-    ["config", "pretrained", "vae"],
+    ["config", "pretrained", "vae", "positions"],
     ["model", "checkpoint", "parallelize", "datasources", "worlds.*"],
     ["presets", "engine", "data"],
     ["train"],

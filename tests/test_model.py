@@ -261,7 +261,7 @@ def test_smoke_every_loss_term_falls(variant):
 
 
 def test_sincos_positions_put_each_rep_cell_on_the_patches_it_covers():
-    from repforce.model import grid_sincos
+    from repforce.positions import grid_sincos
 
     gen, rep = grid_sincos(64, 8, 8), grid_sincos(64, 8, 4)  # an 8 x 8 patch grid under a 4 x 4 cell grid
     assert torch.isclose(gen.pow(2).mean().sqrt(), torch.tensor(0.1))
@@ -280,7 +280,7 @@ def test_sincos_positions_put_each_rep_cell_on_the_patches_it_covers():
 
 def test_2d_image_rope_puts_each_patch_beside_its_rep_cell_and_leaves_text_1d():
     from repforce.backbone import rope_cos_sin
-    from repforce.model import image_rope_positions
+    from repforce.positions import image_rope_positions
 
     cfg = tiny("pixel_rf", image_rope="2d")  # 16 x 16 image, 4-px patches: 4 x 4 patches under 2 x 2 cells
     M, N = cfg.n_rep, cfg.n_gen

@@ -316,17 +316,15 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, minutes: float 
             batch["gen_x"] = vae(batch["images"])
         return batch
 
-    fit = step == 0 and cfg.model.rep_init == "kmeans" and hasattr(model, "quantizer") and not model.quantizer.seeded
-    if fit:  # a codebook that came with --init (a later stage) is kept: its ids are what the rep table learned
-        fitted = fit_quantizer(model, [next_batch(KMEANS_STEP + i) for i in range(KMEANS_BATCHES)], cfg.model.rep_pool)
-        for a, b in zip(ema.buffers(), model.buffers()):
-            a.copy_(b)
     precision, why = runtime.choose_precision(t.precision, dev, _step_timer(cfg, model, stream, vae, step, dev))
     log = runtime.main_file(out / "log.jsonl")  # rank 0 writes, the others write nowhere
     if init_report is not None and step == 0:
         log.write(json.dumps({"init": t.init, **{k: len(v) for k, v in init_report.items()}}) + "\n")
     log.write(json.dumps({"precision": precision, "why": why, "from_step": step}) + "\n")
-    if fit:
+    # a codebook that came with --init (a later stage) is kept: its ids are what the rep table learned
+    if step == 0 and cfg.model.rep_init == "kmeans" and hasattr(model, "quantizer") and not model.quantizer.seeded:
+        fitted = fit_quantizer(model, [next_batch(KMEANS_STEP + i) for i in range(KMEANS_BATCHES)], cfg.model.rep_pool)
+        copy_weights_(ema, model)  # step 0: the EMA is the model, now with the fitted codebook
         log.write(json.dumps({"kmeans": fitted}) + "\n")
     if rt.is_main and progress:
         tqdm.write(f"precision: {precision} ({why})")
@@ -368,7 +366,7 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, minutes: float 
                                       "loss": float(losses["loss"].detach()), "grad_norm": float(gnorm),
                                       "in_a_row": bad_in_row}) + "\n")
                 log.flush()
-                if bad_in_row >= max(1, t.max_bad_steps):
+                if bad_in_row >= t.max_bad_steps:  # validate: >= 1
                     raise RunError(f"{bad_in_row} steps in a row with a non-finite loss or gradient (at step {step + 1}; "
                                    f"train.max_bad_steps={t.max_bad_steps}); nothing was saved from them, the last "
                                    f"checkpoint in {out / 'checkpoints'} is the last good state")
