@@ -12,6 +12,14 @@ EMA weights alone: sampling needs no pickle) and either
   number of ranks, one included; meta.json holds step, world size, RNG and `extra`.
 It is written under a temporary name and renamed into place, so a kill during a save
 leaves every earlier checkpoint intact and no half-written folder that looks complete.
+
+Every step folder also holds `checksums.json`: the size and sha256 of each of its files and the id
+of the run that wrote it. `verify` checks them, so a truncated or flipped file, a missing shard, a
+meta.json or config.json from elsewhere, or a folder from another run is named on load instead of
+loaded; `--resume` then falls back to the previous checkpoint (train.restore_newest). A save that
+cannot be written (a full disk, a read-only folder) raises CheckpointError and leaves the earlier
+checkpoints as they were; a save never deletes a folder it did not write (one at the same step is
+moved aside to `.replaced_step_*`).
 """
 
 from __future__ import annotations
@@ -21,6 +29,8 @@ import json
 import os
 import shutil
 import struct
+import time
+import uuid
 import warnings
 from pathlib import Path
 
@@ -32,6 +42,7 @@ from . import runtime
 from .pretrained import ASSETS, Weights, clean_name
 
 PREFIX = "step_"
+CHECKSUMS = "checksums.json"  # in every step folder: {"run": id, "files": {relative path: {"size", "sha256"}}}
 
 
 class CheckpointError(Exception):
@@ -61,26 +72,33 @@ def save(root: Path, step: int, model: nn.Module, ema: nn.Module, opt, config: d
         return _save_sharded(root, step, model, ema, opt, config, keep, extra)
     state = {"model": model.state_dict(), "ema": ema.state_dict(), "optim": opt.state_dict(), "step": step,
              "rng": torch.get_rng_state(), **(extra or {})}
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".tmp_{PREFIX}{step:08d}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    torch.save(state, tmp / "state.pt")
-    save_file({k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}, str(tmp / "model.safetensors"))
-    (tmp / "config.json").write_text(json.dumps(config, indent=1))
-    for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    _publish(root, tmp, final, keep)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        torch.save(state, tmp / "state.pt")
+        save_file({k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        write_checksums(tmp, run_id(root.parent, create=False))
+        for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _publish(root, tmp, final, keep)
+    except (OSError, RuntimeError) as e:  # ENOSPC, EROFS, EACCES, or torch.save's wrapped write error
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise CheckpointError(f"could not write checkpoint {final.name} in {root}: {reason}; the earlier checkpoints "
+                              "are untouched") from None
     for stale in root.glob(f".tmp_{PREFIX}*"):  # leftovers of killed saves
         shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
 def _publish(root: Path, tmp: Path, final: Path, keep: int) -> None:
-    if final.exists():
-        shutil.rmtree(final)
+    if final.exists():  # one that --resume passed over (damaged, or of another run): kept for a person to look at
+        os.replace(final, root / f".replaced_{final.name}_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}")
     os.replace(tmp, final)
     for old in step_dirs(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -111,9 +129,59 @@ def _save_sharded(root: Path, step: int, model, ema, opt, config: dict, keep: in
                 **(extra or {})}
         (tmp / "meta.json").write_text(json.dumps(meta))
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        write_checksums(tmp, run_id(root.parent, create=False))
         _publish(root, tmp, final, keep)
     runtime.barrier()
     return final
+
+
+RUN_ID = "run_id"  # in a run folder: the id its checkpoints carry
+
+
+def run_id(run: Path, create: bool = True) -> str:
+    """The id of the run folder `run` (a random hex string in run/run_id, made on first use), "" if it has none
+    and `create` is false. A checkpoint's checksums.json carries the id of the run that wrote it."""
+    f = Path(run) / RUN_ID
+    if create:  # every rank calls it: rank 0 writes, the others wait
+        if runtime.is_main() and not f.exists():
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(uuid.uuid4().hex + "\n")
+        runtime.barrier()
+    return f.read_text().strip() if f.exists() else ""
+
+
+def write_checksums(step_dir: Path, run: str) -> None:
+    """checksums.json of a step folder being written: size and sha256 of every file in it, and the run's id."""
+    d = Path(step_dir)
+    files = {str(p.relative_to(d)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(d.rglob("*")) if p.is_file() and p.name != CHECKSUMS}
+    (d / CHECKSUMS).write_text(json.dumps({"run": run, "files": files}, indent=1))
+
+
+def verify(step_dir: Path, run: str | None = None) -> None:
+    """CheckpointError naming the first file of a step folder that is missing, of another size or with other bytes
+    than at its save, or naming the folder when it was written by a run other than `run` (when given). A folder
+    saved before checksums existed has nothing to compare and passes."""
+    d = Path(step_dir)
+    f = d / CHECKSUMS
+    if not f.exists():
+        return
+    try:
+        sums = json.loads(f.read_text())
+        files = sums["files"]
+    except Exception as e:
+        raise CheckpointError(f"{f}: unreadable ({type(e).__name__}), so the checkpoint cannot be checked") from None
+    if run and sums.get("run") and sums["run"] != run:
+        raise CheckpointError(f"{d}: written by another run (id {sums['run'][:8]}, this run's {run[:8]})")
+    for name, want in files.items():
+        p = d / name
+        if not p.is_file():
+            raise CheckpointError(f"{p}: missing (listed in {CHECKSUMS})")
+        size = p.stat().st_size
+        if size != want["size"]:
+            raise CheckpointError(f"{p}: {size} bytes, {want['size']} when saved: truncated or replaced")
+        if _sha256(p) != want["sha256"]:
+            raise CheckpointError(f"{p}: its bytes differ from those saved (sha256 mismatch): damaged or replaced")
 
 
 def restore(step_dir: Path, model: nn.Module, ema: nn.Module, opt) -> dict:
@@ -206,7 +274,8 @@ def export_model(run, out: Path, name: str, version: str, extra: dict | None = N
 
 
 def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _read_model(d: Path) -> tuple[dict, dict]:
@@ -231,6 +300,7 @@ def read(path: Path) -> tuple[dict, dict]:
             raise
         except Exception as e:
             raise CheckpointError(f"unreadable model {d}: {type(e).__name__}: {e}") from None
+    verify(d)
     if not (d / "state.pt").exists():  # a sharded checkpoint: its EMA export, read tensor by tensor
         try:
             meta = json.loads((d / "meta.json").read_text())

@@ -173,9 +173,12 @@ def _engine(args):
 
 
 def _gen_options(args):
-    interval = tuple(float(x) for x in args.interval.split(","))
+    try:
+        interval = tuple(float(x) for x in args.interval.split(","))
+    except ValueError:
+        interval = ()
     if len(interval) != 2:
-        raise UserError(f"--interval={args.interval!r}: expected lo,hi")
+        raise UserError(f"--interval={args.interval!r}: expected two numbers lo,hi")
     return GenOptions(steps=args.steps, solver=args.solver, shift=args.shift, cfg=args.cfg, interval=interval,
                       rep_cfg=args.rep_cfg, rep_temperature=args.temperature, rep_top_k=args.top_k)
 

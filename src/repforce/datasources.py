@@ -296,12 +296,29 @@ OPEN = {"wds": WdsSource, "hf": HFSource, "jsonl": JsonlSource}
 # ----------------------------------------------------------------------------- images
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode as RGB: transparency over a white page (as the data loaders do), the rest converted."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):  # 16/32-bit gray: scale to 8 bits, not clip
+        arr = np.asarray(img, dtype=np.float64)
+        hi = arr.max() if arr.size else 1.0
+        arr = arr * (255.0 / (65535.0 if hi > 255 else 255.0))
+        return Image.fromarray(arr.clip(0, 255).astype(np.uint8)).convert("RGB")
+    return img.convert("RGB")
+
+
 def load_image(data: bytes, side: int, max_pixels: int, converted: Counter) -> np.ndarray:
     """Bytes -> (side, side, 3) uint8: checked, converted to RGB, resized and center-cropped."""
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise Skip("not_image", "unidentified image data") from None
+    except Image.DecompressionBombError as e:  # a small file claiming a huge image
+        raise Skip("giant", str(e).split(",")[0]) from None
     except Exception as e:
         raise Skip("not_image", f"{type(e).__name__}: {e}") from None
     w, h = img.size
@@ -316,12 +333,7 @@ def load_image(data: bytes, side: int, max_pixels: int, converted: Counter) -> n
         raise Skip("truncated", f"{type(e).__name__}: {e}") from None
     if img.mode != "RGB":
         converted[f"converted_{img.mode.lower()}"] += 1
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            rgba = img.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(white, rgba).convert("RGB")  # alpha over a white page
-        else:
-            img = img.convert("RGB")  # CMYK, L, I;16, P, ...
+        img = to_rgb(img)  # alpha over a white page; CMYK, L, I;16, P, ... converted
     img = ImageOps.fit(img, (side, side), method=Image.BICUBIC)  # shorter side to `side`, center crop
     return np.asarray(img, dtype=np.uint8)
 

@@ -21,6 +21,7 @@ frozen VAE.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from tqdm import tqdm
 
 from . import checkpoint, flow, runtime
 from .config import Config
+from .datasources import to_rgb
 from .model import RFModel
 from .sequence import (
     CAPTION_QUESTION,
@@ -44,6 +46,9 @@ from .sequence import (
 )
 from .tokenizer import load_tokenizer
 from .vae import decode, load_vae
+
+
+MAX_IMAGE_PIXELS = 8192 * 8192  # an image file to understand may be at most this large
 
 
 class InferenceError(Exception):
@@ -61,6 +66,22 @@ class GenOptions:
     rep_temperature: float = 1.0  # rep-token sampling temperature (0 = greedy)
     rep_top_k: int = 0  # keep the k most likely rep ids (0 = all)
     use_cache: bool = True  # False recomputes the whole sequence at every step (for benchmarks and tests)
+
+
+def check_options(o: GenOptions) -> None:
+    """InferenceError naming the first sampling option out of its range."""
+    lo, hi = o.interval
+    for ok, msg in ((o.solver in ("euler", "heun"), f"solver must be euler or heun, got {o.solver!r}"),
+                    (o.steps >= 1, f"steps must be >= 1, got {o.steps}"),
+                    (o.shift is None or (math.isfinite(o.shift) and o.shift > 0), f"shift must be > 0, got {o.shift}"),
+                    (math.isfinite(o.cfg), f"cfg must be a finite number, got {o.cfg}"),
+                    (math.isfinite(o.rep_cfg), f"rep guidance must be a finite number, got {o.rep_cfg}"),
+                    (math.isfinite(o.rep_temperature) and o.rep_temperature >= 0,
+                     f"temperature must be >= 0, got {o.rep_temperature}"),
+                    (o.rep_top_k >= 0, f"top-k must be >= 0, got {o.rep_top_k}"),
+                    (0 <= lo <= hi <= 1, f"guidance interval must be 0 <= lo <= hi <= 1, got {lo},{hi}")):
+        if not ok:
+            raise InferenceError(msg)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -231,10 +252,7 @@ class Engine:
             raise InferenceError("this model is a vlm: it does not generate images")
         self._check_prompts(prompts)
         o = options or GenOptions()
-        if o.solver not in ("euler", "heun"):
-            raise InferenceError(f"solver must be euler or heun, got {o.solver!r}")
-        if o.steps < 1:
-            raise InferenceError(f"steps must be >= 1, got {o.steps}")
+        check_options(o)
         rows = [p for p in prompts for _ in range(n)]
         gen = torch.Generator(self.device).manual_seed(seed)
         images, reps = [], []
@@ -266,12 +284,20 @@ class Engine:
         if isinstance(img, (str, Path)):
             try:
                 with Image.open(img) as im:
+                    if im.width * im.height > MAX_IMAGE_PIXELS:  # checked before decoding: a small file may claim a huge image
+                        raise InferenceError(f"image too large: {img} is {im.width}x{im.height}, more than "
+                                             f"{MAX_IMAGE_PIXELS:,} pixels")
+                    im.draft("RGB", (s, s))  # JPEG: decode at a reduced scale when much larger
                     im.load()
-                    img = im.convert("RGB")
-            except Exception:
-                raise InferenceError(f"unreadable image: {img}") from None
+                    img = to_rgb(im)
+            except InferenceError:
+                raise
+            except Image.DecompressionBombError as e:  # PIL's own limit, hit while opening
+                raise InferenceError(f"image too large: {img} ({str(e).split(',')[0]})") from None
+            except Exception as e:
+                raise InferenceError(f"unreadable image: {img} ({type(e).__name__})") from None
         if isinstance(img, Image.Image):
-            img = img.convert("RGB")
+            img = to_rgb(img)
             if img.size != (s, s):
                 img = img.resize((s, s), Image.BICUBIC)
             img = np.asarray(img)

@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -133,6 +134,7 @@ def prepare_run(cfg: Config, out: Path, resume: bool) -> tuple[Config, object]:
     if has_ckpt and not resume:
         raise RunError(f"{out} already holds checkpoints; pass --resume to continue it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    checkpoint.run_id(out)  # made once; every checkpoint carries it
     tok_dir = out / "tokenizer"
     if not tok_dir.exists() and runtime.is_main():  # one writer under torchrun
         init_tok = checkpoint.resolve(cfg.train.init) / "tokenizer" if cfg.train.init else None
@@ -146,6 +148,39 @@ def prepare_run(cfg: Config, out: Path, resume: bool) -> tuple[Config, object]:
     tok = load_tokenizer(tok_dir)
     cfg = replace(cfg, model=replace(cfg.model, vocab_size=len(tok)))
     return pretrained.config_for_folders(cfg, tok), tok  # architecture of train.llm / train.vision / a diffusers VAE
+
+
+def restore_newest(out: Path, cfg: Config, model, ema, opt) -> tuple[dict | None, list[str]]:
+    """--resume: the newest checkpoint of the run that passes checkpoint.verify and holds this model config, restored
+    in place; each newer one passed over is named on the console (and returned). None when the run has no checkpoint;
+    RunError when none of them can be used. Nothing on disk is changed."""
+    dirs = checkpoint.step_dirs(out / "checkpoints")
+    run, passed_over = checkpoint.run_id(out, create=False), []
+    for d in reversed(dirs):
+        try:
+            checkpoint.verify(d, run)
+            try:
+                saved = json.loads((d / "config.json").read_text())["model"]
+            except Exception as e:
+                raise checkpoint.CheckpointError(f"{d / 'config.json'}: unreadable ({type(e).__name__})") from None
+            if saved != cfg.to_json()["model"]:
+                diff = sorted(k for k in saved.keys() | cfg.to_json()["model"].keys()
+                              if saved.get(k) != cfg.to_json()["model"].get(k))
+                raise checkpoint.CheckpointError(f"{d / 'config.json'}: another model config (differs in "
+                                                 f"{', '.join(diff[:4])})")
+            state = checkpoint.restore(d, model, ema, opt)
+        except checkpoint.CheckpointError as e:
+            passed_over.append(str(e))
+            if runtime.is_main():
+                print(f"repforce: --resume: passing over {d.name}: {e}", file=sys.stderr)
+            continue
+        if passed_over and runtime.is_main():
+            print(f"repforce: --resume: resuming from {d.name}, the newest usable checkpoint", file=sys.stderr)
+        return state, passed_over
+    if dirs:
+        raise RunError(f"--resume: no usable checkpoint in {out / 'checkpoints'} ({len(dirs)} passed over; the newest: "
+                       f"{passed_over[0]}); nothing was changed")
+    return None, passed_over
 
 
 def init_weights_from(model: RFModel, path: str) -> dict:
@@ -226,8 +261,11 @@ LOCK = ".lock"  # in a run folder while a process trains it
 def lock_run(out: Path):
     """An exclusive advisory lock on out/.lock holding this process's pid, or RunError naming the holder.
     The kernel drops the lock when its process dies, however it dies, so a killed run never leaves it stuck."""
-    out.mkdir(parents=True, exist_ok=True)
-    fh = open(out / LOCK, "a+")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fh = open(out / LOCK, "a+")
+    except OSError as e:
+        raise RunError(f"cannot write to the run folder {out}: {e.strerror}") from None
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -296,14 +334,8 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, minutes: float 
     model, ema, init_report = build_model(cfg, dev, init, fresh=not resume)  # sharded when world > 1
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=cfg.optim.betas, fused=False)
     step, spent = 0, {"wall_s": 0.0, "cpu_s": 0.0}  # time of the earlier legs of a resumed run
-    dirs = checkpoint.step_dirs(out / "checkpoints") if resume else []
-    if dirs:
-        if json.loads((dirs[-1] / "config.json").read_text())["model"] != cfg.to_json()["model"]:
-            raise RunError(f"--resume: the model config differs from the one saved in {dirs[-1]}")
-        try:
-            state = checkpoint.restore(dirs[-1], model, ema, opt)
-        except checkpoint.CheckpointError as e:
-            raise RunError(f"--resume: {e}") from None
+    state, passed_over = restore_newest(out, cfg, model, ema, opt) if resume else (None, [])
+    if state is not None:
         step, spent = state["step"], state.get("clock", spent)
     if rt.is_main:
         (out / "config.json").write_text(json.dumps(cfg.to_json(), indent=1))
@@ -318,6 +350,8 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, minutes: float 
 
     precision, why = runtime.choose_precision(t.precision, dev, _step_timer(cfg, model, stream, vae, step, dev))
     log = runtime.main_file(out / "log.jsonl")  # rank 0 writes, the others write nowhere
+    if passed_over:
+        log.write(json.dumps({"resumed_at": step, "passed_over": passed_over}) + "\n")
     if init_report is not None and step == 0:
         log.write(json.dumps({"init": t.init, **{k: len(v) for k, v in init_report.items()}}) + "\n")
     log.write(json.dumps({"precision": precision, "why": why, "from_step": step}) + "\n")
@@ -329,9 +363,23 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, minutes: float 
     if rt.is_main and progress:
         tqdm.write(f"precision: {precision} ({why})")
 
-    def save():
-        checkpoint.save(out / "checkpoints", step, model, ema, opt, cfg.to_json(), keep=t.keep,
-                        extra={"clock": clock()} if rt.world == 1 else None)
+    def save(final: bool = False):
+        """A failed save (full disk, read-only folder) is logged and training goes on to the next one, its state
+        untouched; the run's last save failing is a RunError: the newest checkpoint on disk is then the last state."""
+        try:
+            checkpoint.save(out / "checkpoints", step, model, ema, opt, cfg.to_json(), keep=t.keep,
+                            extra={"clock": clock()} if rt.world == 1 else None)
+        except checkpoint.CheckpointError as e:
+            newest = checkpoint.step_dirs(out / "checkpoints")
+            msg = f"{e} (newest checkpoint on disk: {newest[-1].name if newest else 'none'})"
+            if final:
+                raise RunError(f"{msg}; free space or make the folder writable, then resume") from None
+            try:
+                log.write(json.dumps({"save_failed_at": step, "error": str(e)}) + "\n")
+                log.flush()
+            except OSError:
+                pass
+            tqdm.write(f"repforce: {msg}; training goes on and the next checkpoint tries again", file=sys.stderr)
 
     start_time, start_cpu, last = time.time(), time.process_time(), {}
 
@@ -405,8 +453,10 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, minutes: float 
             if step % t.ckpt_every == 0 and step < t.steps and not bad_in_row:  # none inside a non-finite streak
                 save()
     bar.close()
-    save()
-    log.close()
+    try:
+        save(final=True)
+    finally:
+        log.close()
     if stopped:
         name = signal.Signals(got[0]).name if got[0] is not None else "a signal on another rank"
         raise Stopped(f"stopped by {name} at step {step} of {t.steps}; checkpoint saved in {out / 'checkpoints'}; "
