@@ -8,7 +8,7 @@ checkpoint save:
     after_model     model.safetensors (the EMA weights) written
     before_rename   the step folder complete under its temporary name, not yet renamed into place
     ema_export      a sharded save's EMA export half written (2 ranks)
-    random          a random moment of the run (parent's timer)
+    random          a random moment of training: a random step, 0-150 ms after it was logged
 
 then runs `repforce train --out D --resume` to the end and checks: the resume worked (exit 0), it started from
 the newest complete checkpoint, and every step's logged loss (the last row logged for it) equals the unbroken
@@ -96,29 +96,62 @@ def command(ranks: int, out: Path, extra: list[str], point: str | None = None, n
     return launch + ([__file__, "--child", point, str(nth), "--"] if point else ["-m", "repforce.cli"]) + train
 
 
-def run(cmd: list[str], timeout: float = 300, kill_after: float | None = None) -> tuple[int, str]:
+def tree(pid: int) -> list[int]:
+    """pid and all its descendants (torchrun starts its workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        q = todo.pop()
+        out.append(q)
+        todo += children.get(q, [])
+    return out
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL to a process and every descendant at once, as when the machine under them dies."""
+    for q in tree(pid):
+        try:
+            os.kill(q, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def run(cmd: list[str], timeout: float = 300, kill_at: tuple[Path, int, float] | None = None) -> tuple[int, str]:
+    """Run cmd to its end, its output captured; with kill_at = (run folder, step, delay), SIGKILL its whole process
+    tree `delay` seconds after `step` is first logged (a moment inside training, not in its start-up)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True)  # its own process group: a kill reaches torchrun's workers
-    try:
-        out, _ = p.communicate(timeout=kill_after if kill_after is not None else timeout)
-    except subprocess.TimeoutExpired:
-        if kill_after is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            raise
-        os.killpg(p.pid, signal.SIGKILL)
-        out, _ = p.communicate()
-        return -9, out
-    try:  # a worker that outlived its killed sibling
-        os.killpg(p.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    return p.returncode, out
+    with tempfile.TemporaryFile("w+") as log:
+        p = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        t0 = time.time()
+        killed = False
+        while p.poll() is None:
+            if time.time() - t0 > timeout:
+                kill_tree(p.pid)
+                raise TimeoutError(f"{' '.join(cmd[:6])} ... ran past {timeout} s")
+            if kill_at is not None and not killed and max(step_losses(kill_at[0]), default=0) >= kill_at[1]:
+                time.sleep(kill_at[2])
+                kill_tree(p.pid)
+                killed = True
+            time.sleep(0.005)
+        kill_tree(p.pid)  # a worker that outlived its killed sibling
+        log.seek(0)
+        return (-9 if killed else p.returncode), log.read()
 
 
 def loss_rows(run_dir: Path) -> list[dict]:
-    log = run_dir / "log.jsonl"
-    rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    log, rows = run_dir / "log.jsonl", []
+    for line in log.read_text().splitlines() if log.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # the line being written as we read
+            pass
     return [r for r in rows if "loss" in r and "step" in r]
 
 
@@ -127,16 +160,16 @@ def step_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in loss_rows(run_dir)}
 
 
-def trial(ranks: int, point: str, ref: dict[int, float], root: Path, rng: random.Random, span: float) -> dict:
+def trial(ranks: int, point: str, ref: dict[int, float], root: Path, rng: random.Random) -> dict:
     from repforce import checkpoint
 
     out = root / f"t{rng.getrandbits(32):08x}"
     extra = ["--preset", "tiny", "--variant", "pixel_rf", "--steps", str(STEPS), *SETS]
     n_saves = STEPS // 3
-    if point == "random":
-        delay = rng.uniform(0.5, 0.95 * span)
-        code, log = run(command(ranks, out, extra), kill_after=delay)
-        where = {"after_s": round(delay, 2)}
+    if point == "random":  # at a random step, a random fraction of a step's time after it was logged
+        at, delay = rng.randint(1, STEPS - 1), rng.uniform(0, 0.15)
+        code, log = run(command(ranks, out, extra), kill_at=(out, at, delay))
+        where = {"after_step": at, "delay_s": round(delay, 3)}
     else:
         nth = rng.randint(1, n_saves)
         code, log = run(command(ranks, out, extra, point, nth))
@@ -155,7 +188,7 @@ def trial(ranks: int, point: str, ref: dict[int, float], root: Path, rng: random
     after = loss_rows(out)[logged:]
     row = {"ranks": ranks, "point": point, **where, "killed": True, "reached": reached, "newest_complete": newest,
            "steps_lost": max(reached - newest, 0), "recovered": code2 == 0,
-           "from_newest": bool(after) and after[0]["step"] == newest + 1, "identical": same}
+           "from_newest": after[0]["step"] == newest + 1 if after else newest == STEPS, "identical": same}
     if not same:
         row["tail"] = (log2 or "")[-600:]
     shutil.rmtree(out, ignore_errors=True)
@@ -179,18 +212,17 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="faults_") as tmp:
         root = Path(tmp)
-        refs, spans = {}, {}
+        refs = {}
         for ranks in (1, 2):
-            t0 = time.time()
             code, log = run(command(ranks, root / f"ref{ranks}", ["--preset", "tiny", "--variant", "pixel_rf",
                                                                   "--steps", str(STEPS), *SETS]))
             assert code == 0, log[-2000:]
-            refs[ranks], spans[ranks] = step_losses(root / f"ref{ranks}"), time.time() - t0
+            refs[ranks] = step_losses(root / f"ref{ranks}")
         n_two = args.trials * 2 // 5
         plan = [(1, POINTS_ONE[i % len(POINTS_ONE)]) for i in range(args.trials - n_two)]
         plan += [(2, POINTS_TWO[i % len(POINTS_TWO)]) for i in range(n_two)]
         for ranks, point in plan:
-            emit(trial(ranks, point, refs[ranks], root, rng, spans[ranks]))
+            emit(trial(ranks, point, refs[ranks], root, rng))
     killed = [r for r in lines if r["killed"]]
     lost = sorted(r["steps_lost"] for r in killed)
     summary = {"summary": True, "trials": len(lines), "killed": len(killed),
