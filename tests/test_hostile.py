@@ -168,3 +168,15 @@ def test_the_generate_command_never_lets_a_traceback_out_nor_writes_outside_out(
     names = {p.name for p in here.iterdir()}
     assert names == {"cwd", "out"} if code == 0 else names <= {"cwd", "out"}  # nothing beside --out
     assert not list((here / "cwd").iterdir())  # nor in the working directory
+
+
+def test_the_answer_command_says_why_in_one_line(run, tmp_path, capsys):
+    cases = {"bomb.png": bomb_png(20000), "empty.png": b"", "text.png": b"not an image at all",
+             "cut.png": bomb_png(8)[:30]}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        assert main(["answer", "--ckpt", str(run), "--image", str(tmp_path / name), "--question", "what?"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("repforce: error: ") and "\n" not in err and name in err
+    assert main(["answer", "--ckpt", str(run), "--image", str(tmp_path / "nope.png"), "--caption"]) == 2
+    assert "nope.png" in capsys.readouterr().err
