@@ -67,8 +67,12 @@ def test_the_shapes_model_starts_from_it_and_a_wrong_shape_is_named():
         pretrained.load_world_encoder(model, "shapes_encoder", world="fashion")
 
 
-def test_the_shapes_preset_is_recipe_v3_and_v1_v2_stay_as_recorded():
-    v3, v2, v1 = preset("shapes", "pixel_rf"), preset("shapes_v2", "vlm"), preset("shapes_v1", "vlm")
+def test_the_shapes_preset_is_recipe_v4_and_v1_to_v3_stay_as_recorded():
+    v4, v4vlm = preset("shapes", "pixel_rf"), preset("shapes", "vlm")
+    assert v4.recipe == "shapes-v4" and C.Config.from_json(v4.to_json()).recipe == "shapes-v4"
+    assert (v4.data.gen_fraction, v4vlm.data.gen_fraction) == (0.8, 0.0)  # v4: 80% generation in the pixel stage
+    v3, v2, v1 = preset("shapes_v3", "pixel_rf"), preset("shapes_v2", "vlm"), preset("shapes_v1", "vlm")
+    assert v4.model == v3.model and v4.train == v3.train and v4.optim == v3.optim and v3.data.gen_fraction == 0.5
     assert v3.recipe == "shapes-v3" and C.Config.from_json(v3.to_json()).recipe == "shapes-v3"
     m = v3.model
     assert (m.rep_init, m.rep_momentum, m.rep_balance, m.rep_center_momentum, m.pos_init, m.image_rope,

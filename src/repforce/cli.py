@@ -338,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     ef.set_defaults(func=cmd_eval_fashion)
 
     t = sub.add_parser("train", help="train a model (any variant)")
-    t.add_argument("--preset", default="shapes", help="tiny | shapes | shapes_v2 | shapes_v1 | scale_* (repforce.presets)")
+    t.add_argument("--preset", default="shapes", help="tiny | shapes | shapes_v3 | shapes_v2 | shapes_v1 | scale_* (repforce.presets)")
     t.add_argument("--variant", default="pixel_rf", help="vlm | pixel | pixel_rf | vae | vae_rf | pixel_repa | pixel_cont")
     t.add_argument("--out", required=True, help="run folder")
     t.add_argument("--steps", type=int)

@@ -6,6 +6,7 @@
 
     tiny         seconds per step on a laptop CPU: for tests
     shapes       the real small run of the shapes world (about 10M parameters, 32x32 images)
+    shapes_v3    recipe shapes-v3 as recorded (k-means codebook held, 2D positions, L_FM weight capped; half the batch generation)
     shapes_v2    recipe shapes-v2 as recorded (the shipped shapes_vlm's; online quantizer, 1D image positions)
     shapes_v1    the same as the recorded study ran it (random encoder, before recipe shapes-v2)
     scale        Qwen3-30B-A3B (MoE, 3B active) + DINOv3 ViT-H+/16, K = 16,384   (the paper's)
@@ -58,13 +59,22 @@ def preset_tiny() -> Config:
                               precision="fp32"))  # tests compare numbers: the same on every CPU
 
 
-SHAPES_RECIPE = "shapes-v3"  # Config.recipe of the shapes preset; bumped whenever its defaults change
+SHAPES_RECIPE = "shapes-v4"  # Config.recipe of the shapes preset; bumped whenever its defaults change
 
 
 def preset_shapes() -> Config:
     """The real small run of the shapes world: about 10M parameters (6M active per token), 32x32 images.
 
-    Recipe shapes-v3 (docs/results/findings.md, "Recipe shapes-v3"), shapes-v2 with stationary rep
+    Recipe shapes-v4 (docs/results/findings.md, "Recipe shapes-v4"): shapes-v3 with 80% of each batch
+    generation samples instead of 50%. The vlm stage (understanding only) is unchanged; in the pixel
+    stage understanding only needs keeping, and the renderer is what learns slowly: at 2,400 steps
+    ShapesEval 0.40 against v3's 0.21 (0.59 at 3,197), for VQA 0.805 against 0.910."""
+    v3 = preset_shapes_v3()
+    return replace(v3, data=replace(v3.data, gen_fraction=0.8), recipe=SHAPES_RECIPE)
+
+
+def preset_shapes_v3() -> Config:
+    """Recipe shapes-v3 as recorded (docs/results/findings.md, "Recipe shapes-v3"), shapes-v2 with stationary rep
     tokens and image positions a pixel patch can find its rep cell by: the codebook is fitted by
     k-means to the frozen encoder's features before the first step and then held (momentum 1, no
     balancing, feature centre held), so an id means the same thing at every step; gen_pos and
@@ -75,7 +85,7 @@ def preset_shapes() -> Config:
     v2 = preset_shapes_v2()
     return replace(v2, model=replace(v2.model, rep_init="kmeans", rep_momentum=1.0, rep_balance="none",
                                      rep_center_momentum=1.0, pos_init="sincos", image_rope="2d", loss_t_eps=0.3),
-                   recipe=SHAPES_RECIPE)
+                   recipe="shapes-v3")
 
 
 def preset_shapes_v2() -> Config:
@@ -175,7 +185,7 @@ def scale_small_s3() -> Config:
     return _preset(QWEN3_0_6B, DINOV3_VITS16, 3, 16, 512)
 
 
-PRESETS = {"tiny": preset_tiny, "shapes": preset_shapes, "shapes_v2": preset_shapes_v2, "shapes_v1": preset_shapes_v1, "scale_s1": scale_s1,
+PRESETS = {"tiny": preset_tiny, "shapes": preset_shapes, "shapes_v3": preset_shapes_v3, "shapes_v2": preset_shapes_v2, "shapes_v1": preset_shapes_v1, "scale_s1": scale_s1,
            "scale_s2": scale_s2,
            "scale_s3": scale_s3, "scale_small_s1": scale_small_s1, "scale_small_s2": scale_small_s2,
            "scale_small_s3": scale_small_s3}
