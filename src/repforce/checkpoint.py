@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import struct
+import sys
 import time
 import uuid
 import warnings
@@ -213,6 +214,37 @@ def restore(step_dir: Path, model: nn.Module, ema: nn.Module, opt) -> dict:
     opt.load_state_dict(state.pop("optim"))
     torch.set_rng_state(state.pop("rng"))
     return state
+
+
+def restore_newest(run: Path, model_cfg: dict, model: nn.Module, ema: nn.Module, opt) -> tuple[dict | None, list[str]]:
+    """--resume: the newest checkpoint of a run folder that passes verify() and holds this model config, restored in
+    place; each newer one passed over is named on stderr (and returned). (None, []) when the run has no checkpoint;
+    CheckpointError when none can be used. Nothing on disk is changed."""
+    dirs = step_dirs(Path(run) / "checkpoints")
+    rid, passed_over = run_id(run, create=False), []
+    for d in reversed(dirs):
+        try:
+            verify(d, rid)
+            try:
+                saved = json.loads((d / "config.json").read_text())["model"]
+            except Exception as e:
+                raise CheckpointError(f"{d / 'config.json'}: unreadable ({type(e).__name__})") from None
+            if saved != model_cfg:
+                diff = sorted(k for k in saved.keys() | model_cfg.keys() if saved.get(k) != model_cfg.get(k))
+                raise CheckpointError(f"{d / 'config.json'}: another model config (differs in {', '.join(diff[:4])})")
+            state = restore(d, model, ema, opt)
+        except CheckpointError as e:
+            passed_over.append(str(e))
+            if runtime.is_main():
+                print(f"repforce: --resume: passing over {d.name}: {e}", file=sys.stderr)
+            continue
+        if passed_over and runtime.is_main():
+            print(f"repforce: --resume: resuming from {d.name}, the newest usable checkpoint", file=sys.stderr)
+        return state, passed_over
+    if dirs:
+        raise CheckpointError(f"no usable checkpoint in {Path(run) / 'checkpoints'} ({len(dirs)} passed over; the "
+                              f"newest: {passed_over[0]}); nothing was changed")
+    return None, passed_over
 
 
 def find(path: Path) -> Path:

@@ -150,39 +150,6 @@ def prepare_run(cfg: Config, out: Path, resume: bool) -> tuple[Config, object]:
     return pretrained.config_for_folders(cfg, tok), tok  # architecture of train.llm / train.vision / a diffusers VAE
 
 
-def restore_newest(out: Path, cfg: Config, model, ema, opt) -> tuple[dict | None, list[str]]:
-    """--resume: the newest checkpoint of the run that passes checkpoint.verify and holds this model config, restored
-    in place; each newer one passed over is named on the console (and returned). None when the run has no checkpoint;
-    RunError when none of them can be used. Nothing on disk is changed."""
-    dirs = checkpoint.step_dirs(out / "checkpoints")
-    run, passed_over = checkpoint.run_id(out, create=False), []
-    for d in reversed(dirs):
-        try:
-            checkpoint.verify(d, run)
-            try:
-                saved = json.loads((d / "config.json").read_text())["model"]
-            except Exception as e:
-                raise checkpoint.CheckpointError(f"{d / 'config.json'}: unreadable ({type(e).__name__})") from None
-            if saved != cfg.to_json()["model"]:
-                diff = sorted(k for k in saved.keys() | cfg.to_json()["model"].keys()
-                              if saved.get(k) != cfg.to_json()["model"].get(k))
-                raise checkpoint.CheckpointError(f"{d / 'config.json'}: another model config (differs in "
-                                                 f"{', '.join(diff[:4])})")
-            state = checkpoint.restore(d, model, ema, opt)
-        except checkpoint.CheckpointError as e:
-            passed_over.append(str(e))
-            if runtime.is_main():
-                print(f"repforce: --resume: passing over {d.name}: {e}", file=sys.stderr)
-            continue
-        if passed_over and runtime.is_main():
-            print(f"repforce: --resume: resuming from {d.name}, the newest usable checkpoint", file=sys.stderr)
-        return state, passed_over
-    if dirs:
-        raise RunError(f"--resume: no usable checkpoint in {out / 'checkpoints'} ({len(dirs)} passed over; the newest: "
-                       f"{passed_over[0]}); nothing was changed")
-    return None, passed_over
-
-
 def init_weights_from(model: RFModel, path: str) -> dict:
     """Start from another run's EMA weights (a vlm run for the generation variants)."""
     try:
@@ -334,7 +301,10 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, minutes: float 
     model, ema, init_report = build_model(cfg, dev, init, fresh=not resume)  # sharded when world > 1
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=cfg.optim.betas, fused=False)
     step, spent = 0, {"wall_s": 0.0, "cpu_s": 0.0}  # time of the earlier legs of a resumed run
-    state, passed_over = restore_newest(out, cfg, model, ema, opt) if resume else (None, [])
+    try:
+        state, passed_over = checkpoint.restore_newest(out, cfg.to_json()["model"], model, ema, opt) if resume else (None, [])
+    except checkpoint.CheckpointError as e:
+        raise RunError(f"--resume: {e}") from None
     if state is not None:
         step, spent = state["step"], state.get("clock", spent)
     if rt.is_main:
