@@ -21,6 +21,7 @@ frozen VAE.
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,9 +105,10 @@ def _left_pad(rows: list[list[int]], kinds: list[list[int]]) -> tuple[torch.Tens
     return tokens, kind, pos
 
 
-def sample_token(logits: torch.Tensor, temperature: float, top_k: int, gen: torch.Generator) -> torch.Tensor:
+def sample_token(logits: torch.Tensor, temperature: float, top_k: int, gen) -> torch.Tensor:
     """One id per row of logits (B, V): greedy at temperature 0, else sampled at that temperature
-    from the top_k most likely (0 = all). The one sampler of text answers and rep tokens."""
+    from the top_k most likely (0 = all). The one sampler of text answers and rep tokens.
+    gen: a torch.Generator, or a list of them, one per row."""
     logits = logits.float()
     if temperature <= 0:
         return logits.argmax(-1)
@@ -114,7 +116,41 @@ def sample_token(logits: torch.Tensor, temperature: float, top_k: int, gen: torc
     if top_k:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
+    probs = logits.softmax(-1)
+    if isinstance(gen, list):  # one stream per row
+        return torch.cat([torch.multinomial(probs[b:b + 1], 1, generator=g)[:, 0] for b, g in enumerate(gen)])
+    return torch.multinomial(probs, 1, generator=gen)[:, 0]
+
+
+def randn(gen: torch.Generator | list[torch.Generator], B: int, *shape: int, device) -> torch.Tensor:
+    """(B, *shape) standard normal noise from one generator, or row b from gen[b] when gen is a list
+    (then a row's noise does not depend on the rows batched with it)."""
+    if isinstance(gen, list):
+        return torch.cat([torch.randn(1, *shape, generator=g, device=device) for g in gen])
+    return torch.randn(B, *shape, generator=gen, device=device)
+
+
+def open_image(src: str | Path | bytes, side: int = 0, name: str = "") -> Image.Image:
+    """An RGB PIL image from a file or its bytes, or a one-line InferenceError naming it.
+
+    The size is checked from the header before decoding (a small file may claim a huge image);
+    side > 0 lets a JPEG decode at a reduced scale near that side."""
+    name = name or (f"{len(src)}-byte upload" if isinstance(src, bytes) else str(src))
+    try:
+        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise InferenceError(f"image too large: {name} is {im.width}x{im.height}, more than "
+                                     f"{MAX_IMAGE_PIXELS:,} pixels")
+            if side:
+                im.draft("RGB", (side, side))
+            im.load()
+            return to_rgb(im)
+    except InferenceError:
+        raise
+    except Image.DecompressionBombError as e:  # PIL's own limit, hit while opening
+        raise InferenceError(f"image too large: {name} ({str(e).split(',')[0]})") from None
+    except Exception as e:
+        raise InferenceError(f"unreadable image: {name} ({type(e).__name__})") from None
 
 
 class Engine:
@@ -177,7 +213,7 @@ class Engine:
                 v = sample_token(flow.cfg(lu, lc, o.rep_cfg), o.rep_temperature, o.rep_top_k, gen)  # (B,)
                 step_in = v.repeat(2)[:, None]  # (2B, 1)
             else:  # pixel_cont: a small ODE per token over the flow head
-                y0 = torch.randn(B, c.enc_dim, generator=gen, device=self.device)
+                y0 = randn(gen, B, c.enc_dim, device=self.device)
 
                 def v_fn(z, t):
                     zz, tt = z.repeat(2, 1), t.repeat(2)
@@ -234,7 +270,7 @@ class Engine:
             vc, vu = flow.x_to_v(x, zz.float(), tt.float(), c.t_eps).chunk(2)
             return vc, vu
 
-        z0 = torch.randn(B, c.gen_channels, c.gen_size, c.gen_size, generator=gen, device=self.device)
+        z0 = randn(gen, B, c.gen_channels, c.gen_size, c.gen_size, device=self.device)
         shift = o.shift if o.shift is not None else 32 / c.image_size
         solve = {"euler": flow.euler, "heun": flow.heun}[o.solver]
         out = solve(v_fn, z0, steps=o.steps, shift=shift, w=o.cfg, interval=o.interval)
@@ -242,10 +278,12 @@ class Engine:
         return out
 
     @torch.no_grad()
-    def generate_arrays(self, prompts: list[str], n: int = 1, seed: int = 0, options: GenOptions | None = None,
+    def generate_arrays(self, prompts: list[str], n: int = 1, seed: int | list[int] = 0, options: GenOptions | None = None,
                         batch_size: int = 64, progress: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """uint8 images (P * n, H, W, 3), prompt-major, and the rep values that guided them.
 
+        seed: one seed for the whole call, or one per image (P * n of them): then each image is
+        drawn from its own stream and does not depend on what it is batched with (the server).
         A gray model (model.image_channels=1) gives its one channel replicated to RGB, so that
         every consumer (PNG files, grids, judges) sees the same layout."""
         if not self.cfg.has_gen:
@@ -254,10 +292,17 @@ class Engine:
         o = options or GenOptions()
         check_options(o)
         rows = [p for p in prompts for _ in range(n)]
-        gen = torch.Generator(self.device).manual_seed(seed)
+        if isinstance(seed, (list, tuple)):
+            if len(seed) != len(rows):
+                raise InferenceError(f"{len(seed)} seeds for {len(rows)} images")
+            streams = [torch.Generator(self.device).manual_seed(int(x)) for x in seed]
+        else:
+            gen = torch.Generator(self.device).manual_seed(seed)
         images, reps = [], []
         for s in tqdm(range(0, len(rows), batch_size), disable=not progress or len(rows) <= batch_size, desc="batches"):
             chunk = rows[s:s + batch_size]
+            if isinstance(seed, (list, tuple)):
+                gen = streams[s:s + batch_size]
             with self._autocast():
                 r = self.sample_reps(chunk, o, gen, progress) if self.cfg.rep_slots else None
                 x = self.sample_pixels(chunk, r, o, gen, progress)
@@ -281,21 +326,8 @@ class Engine:
         """(C, s, s) in [-1, 1], C = the model's image channels: RGB is averaged for a gray model, gray replicated
         for an RGB one."""
         s, c = self.cfg.image_size, self.cfg.image_channels
-        if isinstance(img, (str, Path)):
-            try:
-                with Image.open(img) as im:
-                    if im.width * im.height > MAX_IMAGE_PIXELS:  # checked before decoding: a small file may claim a huge image
-                        raise InferenceError(f"image too large: {img} is {im.width}x{im.height}, more than "
-                                             f"{MAX_IMAGE_PIXELS:,} pixels")
-                    im.draft("RGB", (s, s))  # JPEG: decode at a reduced scale when much larger
-                    im.load()
-                    img = to_rgb(im)
-            except InferenceError:
-                raise
-            except Image.DecompressionBombError as e:  # PIL's own limit, hit while opening
-                raise InferenceError(f"image too large: {img} ({str(e).split(',')[0]})") from None
-            except Exception as e:
-                raise InferenceError(f"unreadable image: {img} ({type(e).__name__})") from None
+        if isinstance(img, (str, Path, bytes)):
+            img = open_image(img, s)
         if isinstance(img, Image.Image):
             img = to_rgb(img)
             if img.size != (s, s):
