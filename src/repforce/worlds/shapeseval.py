@@ -125,6 +125,16 @@ def prompts(per_category: int = PER_CATEGORY) -> list[Prompt]:
     return out
 
 
+def find_prompt(text: str) -> Prompt | None:
+    """The ShapesEval prompt of this text (any category, case and spacing aside), or None."""
+    key = " ".join(text.lower().split()).rstrip(".")
+    for cat in CATEGORIES:
+        for t, inc, exc, rel in category_space(cat):
+            if t == key:
+                return Prompt(-1, cat, t, inc, exc, rel)
+    return None
+
+
 def sample_prompt(rng: np.random.Generator, category: str | None = None) -> Prompt:
     """A random prompt (training captions use these, drawn from the train stream's rng)."""
     cat = category or CATEGORIES[rng.integers(len(CATEGORIES))]
