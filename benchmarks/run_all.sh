@@ -24,6 +24,7 @@ declare -A CMD=(
   [peer_transfusion]="$PY benchmarks/peer_transfusion.py --steps 10 --rounds 3"
   [scaling]="$PY benchmarks/scaling.py"
   [faults]="$PY benchmarks/faults.py --trials 50"
+  [serve_batching]="$PY benchmarks/serve_batching.py --ckpt shapes --requests 32 --n 4"
   [quantizer_stability]="$PY benchmarks/quantizer_stability.py --vlm $VLM"
   [quantizer_drift_vlm]="$PY benchmarks/quantizer_stability.py --vlm $VLM --stream gen --settings shapes_preset --steps 1000"
   [quantizer_drift_rf]="$PY benchmarks/quantizer_stability.py --vlm $RF --stream gen --settings shapes_preset --steps 1000"

@@ -22,13 +22,16 @@ LAYERS = [
     ["config", "pretrained", "vae", "positions"],
     ["model", "checkpoint", "parallelize", "datasources", "worlds.*"],
     ["presets", "engine", "data"],
-    ["train"],
+    ["train", "service"],
     ["study.*"],
+    ["webapp"],
+    ["serve"],
     ["cli"],
 ]
 PACKAGES = ("", "worlds", "study")  # the __init__ files: no import of the package at all
 # third-party modules a function may import lazily: heavy, and needed only on some paths
-HEAVY = ("transformers", "diffusers", "datasets", "scipy", "tokenizers", "torch.distributed.")
+HEAVY = ("transformers", "diffusers", "datasets", "scipy", "tokenizers", "torch.distributed.",
+         "gradio", "fastapi", "uvicorn")  # the last three: `repforce serve` only (repforce[serve])
 
 
 def module_name(path: Path, root: Path) -> str:

@@ -6,6 +6,7 @@
     repforce train-vae --out runs/vae
     repforce train --preset shapes --variant vlm --out runs/vlm
     repforce train --preset shapes --variant pixel_rf --init runs/vlm --out runs/pixel_rf
+    repforce serve --ckpt shapes --port 7860
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .engine import GenOptions  # noqa: E402
 from .presets import preset  # noqa: E402
 from .pretrained import PretrainedError  # noqa: E402
 from .runtime import is_main  # noqa: E402
+from .serve import Limits, serve  # noqa: E402
 from .study.ablation import BUDGETS, StudyError, ablation, folder_name  # noqa: E402
 from .study.demo import demo  # noqa: E402
 from .study.evaluate import captions, fashion, vqa, write_shapeseval  # noqa: E402
@@ -222,6 +224,27 @@ def cmd_answer(args) -> None:
         raise UserError(str(e)) from None
 
 
+def cmd_serve(args) -> None:
+
+    if not 1 <= args.port <= 65535:
+        raise UserError(f"--port={args.port}: must be in 1..65535")
+    if args.max_batch < 1 or args.max_queue < args.max_batch or args.max_wait_ms < 0:
+        raise UserError("need --max-batch >= 1, --max-queue >= --max-batch and --max-wait-ms >= 0")
+    if args.ckpt not in checkpoint.shipped() and not Path(args.ckpt).exists():
+        raise UserError(f"--ckpt: no such run folder or shipped model: {args.ckpt} "
+                        f"(shipped: {', '.join(checkpoint.shipped()) or 'none'})")
+    limits = Limits(max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000, max_queue=args.max_queue,
+                    max_n=min(16, args.max_batch))
+    try:
+        serve(args.ckpt, args.host, args.port, args.api_key, args.app, limits)
+    except E.InferenceError as e:
+        raise UserError(str(e)) from None
+    except OSError as e:  # the port is taken, or the address is not this machine's
+        raise UserError(f"cannot serve on {args.host}:{args.port}: {e.strerror or e}") from None
+    except ImportError as e:
+        raise UserError(f"repforce serve needs {e.name}: pip install 'repforce[serve]'") from None
+
+
 def cmd_demo(args) -> None:
     try:
         s = demo(args.out, args.minutes, args.preset, args.seed, args.per_category, progress=not args.quiet,
@@ -380,6 +403,19 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--caption", action="store_true")
     an.add_argument("--raw-weights", dest="raw_weights", action="store_true")
     an.set_defaults(func=cmd_answer)
+
+    sv = sub.add_parser("serve", help="a web app and an OpenAI-compatible API over one model, on one port")
+    sv.add_argument("--ckpt", default="shapes", help="a shipped model (default: shapes) or a run folder")
+    sv.add_argument("--host", default="127.0.0.1", help="the address to bind (default: this machine only)")
+    sv.add_argument("--port", type=int, default=7860)
+    sv.add_argument("--api-key", dest="api_key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    sv.add_argument("--no-app", dest="app", action="store_false", help="the API only, no web app")
+    sv.add_argument("--max-batch", dest="max_batch", type=int, default=64, help="images (or answers) per sampling batch")
+    sv.add_argument("--max-wait-ms", dest="max_wait_ms", type=float, default=50.0,
+                    help="how long a batch waits for more requests")
+    sv.add_argument("--max-queue", dest="max_queue", type=int, default=512,
+                    help="images waiting before requests get 503")
+    sv.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="train pixel_rf (after a vlm stage) in bounded time and write report.html")
     d.add_argument("--minutes", type=float, default=10.0, help="wall-time budget, training and evaluation together")
