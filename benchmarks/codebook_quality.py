@@ -69,7 +69,7 @@ def measure(run: str, n: int) -> dict:
     ids = []
     with torch.no_grad():
         for s in range(0, n, 64):
-            x = torch.stack([eng._image_tensor(shapes.render(sc)) for sc in scenes[s:s + 64]])
+            x = torch.stack([eng.image_tensor(shapes.render(sc)) for sc in scenes[s:s + 64]])
             ids.append(eng.model.rep_targets(x)[0].reshape(-1))
     ids = [int(i) for i in torch.cat(ids)]
     bg = [i for i, lab in zip(ids, content) if lab == "bg"]

@@ -170,7 +170,7 @@ class Engine:
 
     # ------------------------------------------------------------------ generation
 
-    def _check_prompts(self, prompts: list[str]) -> None:
+    def check_prompts(self, prompts: list[str]) -> None:
         if isinstance(prompts, str):
             raise InferenceError("prompts must be a list of strings")
         if not prompts:
@@ -288,7 +288,7 @@ class Engine:
         every consumer (PNG files, grids, judges) sees the same layout."""
         if not self.cfg.has_gen:
             raise InferenceError("this model is a vlm: it does not generate images")
-        self._check_prompts(prompts)
+        self.check_prompts(prompts)
         o = options or GenOptions()
         check_options(o)
         rows = [p for p in prompts for _ in range(n)]
@@ -322,7 +322,7 @@ class Engine:
 
     # ------------------------------------------------------------------ understanding
 
-    def _image_tensor(self, img) -> torch.Tensor:
+    def image_tensor(self, img) -> torch.Tensor:
         """(C, s, s) in [-1, 1], C = the model's image channels: RGB is averaged for a gray model, gray replicated
         for an RGB one."""
         s, c = self.cfg.image_size, self.cfg.image_channels
@@ -351,7 +351,7 @@ class Engine:
         if not questions:
             return []
         m, tok = self.model, self.tok
-        x = torch.stack([self._image_tensor(i) for i in images]).to(self.device)
+        x = torch.stack([self.image_tensor(i) for i in images]).to(self.device)
         built = [und_prefix(tok, self.layout, q) for q in questions]
         tokens, kind, pos = _left_pad([b[0] for b in built], [b[1] for b in built])
         tokens, kind, pos = tokens.to(self.device), kind.to(self.device), pos.to(self.device)

@@ -37,7 +37,7 @@ from PIL import Image
 from . import checkpoint
 from .engine import InferenceError, load
 from .sequence import CAPTION_QUESTION
-from .service import BadRequest, Limits, QueueFull, Service
+from .service import DEFAULT, BadRequest, Limits, QueueFull, Service
 from .webapp import build
 
 def png_b64(img: np.ndarray) -> str:
@@ -177,9 +177,9 @@ def create_app(service: Service, api_key: str | None = None, app: bool = True):
         side = service.engine.cfg.image_size
         if _field(b, "size", str, f"{side}x{side}") not in (f"{side}x{side}", "auto"):
             raise BadRequest(f"size must be {side}x{side}, the model's size")
-        o = service.options(_field(b, "steps", int, 25), _field(b, "guidance", float, 3.0),
-                            _field(b, "rep_guidance", float, 2.0), _field(b, "temperature", float, 1.0),
-                            _field(b, "top_k", int, 0))
+        o = service.options(_field(b, "steps", int, DEFAULT.steps), _field(b, "guidance", float, DEFAULT.cfg),
+                            _field(b, "rep_guidance", float, DEFAULT.rep_cfg),
+                            _field(b, "temperature", float, DEFAULT.rep_temperature), _field(b, "top_k", int, DEFAULT.rep_top_k))
         seed = b.get("seed")
         seed = None if seed is None else _field(b, "seed", int, 0)
         out = await wait(service.generate(_field(b, "prompt", str, ""), _field(b, "n", int, 1), seed, o))

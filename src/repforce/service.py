@@ -27,6 +27,9 @@ from .engine import Engine, GenOptions, InferenceError, check_options, open_imag
 from .sequence import CAPTION_QUESTION
 
 
+DEFAULT = GenOptions()  # the engine's sampling defaults, which the API and the app also default to
+
+
 @dataclass(frozen=True)
 class Limits:
     max_n: int = 16  # images per generation request
@@ -164,8 +167,9 @@ class Service:
             raise BadRequest(f"{what} of {len(text)} characters, at most {self.limits.max_prompt_chars}")
         return text
 
-    def options(self, steps: int = 25, guidance: float = 3.0, rep_guidance: float = 2.0, temperature: float = 1.0,
-                top_k: int = 0) -> GenOptions:
+    def options(self, steps: int = DEFAULT.steps, guidance: float = DEFAULT.cfg, rep_guidance: float = DEFAULT.rep_cfg,
+                temperature: float = DEFAULT.rep_temperature, top_k: int = DEFAULT.rep_top_k) -> GenOptions:
+        """The engine's sampling options from the API's names, range-checked (defaults: GenOptions')."""
         if not 1 <= steps <= self.limits.max_steps:
             raise BadRequest(f"steps={steps}: must be in 1..{self.limits.max_steps}")
         o = GenOptions(steps=steps, cfg=float(guidance), rep_cfg=float(rep_guidance),
@@ -184,7 +188,7 @@ class Service:
         if not 1 <= n <= self.limits.max_n:
             raise BadRequest(f"n={n}: must be in 1..{self.limits.max_n}")
         try:
-            self.engine._check_prompts([prompt])
+            self.engine.check_prompts([prompt])
         except InferenceError as e:
             raise BadRequest(str(e)) from None
         seed = int(np.random.randint(0, 2**31 - n)) if seed is None else seed
@@ -202,7 +206,7 @@ class Service:
             raise BadRequest(f"temperature={temperature}: must be in 0..2")
         try:
             image = open_image(image, name="the image") if isinstance(image, bytes) else image
-            self.engine._image_tensor(image)  # bad images fail here, in the request, not in the batch
+            self.engine.image_tensor(image)  # bad images fail here, in the request, not in the batch
         except InferenceError as e:
             raise BadRequest(str(e)) from None
         return self.batcher.submit(("answer", max_tokens, temperature), [(image, question)])

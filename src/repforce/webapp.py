@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .service import BadRequest, QueueFull, Service
+from .service import DEFAULT, BadRequest, QueueFull, Service
 from .study.report import prototype_colors, rep_map
 from .worlds import shapes, shapeseval
 
@@ -91,9 +91,9 @@ def build(service: Service):
                     prompt = gr.Textbox(label="prompt", value="a red circle", max_length=lim.max_prompt_chars,
                                         elem_id="prompt")
                     n = gr.Slider(1, lim.max_n, value=4, step=1, label="images")
-                    steps = gr.Slider(1, lim.max_steps, value=25, step=1, label="ODE steps")
-                    guidance = gr.Slider(0, 10, value=3.0, step=0.5, label="pixel guidance (text and reps)")
-                    rep_guidance = gr.Slider(0, 10, value=2.0, step=0.5, label="rep-token guidance")
+                    steps = gr.Slider(1, lim.max_steps, value=DEFAULT.steps, step=1, label="ODE steps")
+                    guidance = gr.Slider(0, 10, value=DEFAULT.cfg, step=0.5, label="pixel guidance (text and reps)")
+                    rep_guidance = gr.Slider(0, 10, value=DEFAULT.rep_cfg, step=0.5, label="rep-token guidance")
                     seed = gr.Number(value=0, precision=0, label="seed (-1 = random)")
                     go = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Column(scale=2):

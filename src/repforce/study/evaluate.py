@@ -65,7 +65,7 @@ def oracle_shapeseval(engine: Engine, n: int = 2, options: GenOptions | None = N
     out = []
     with torch.no_grad(), engine._autocast():
         for s in range(0, len(rows), batch_size):
-            x = torch.stack([engine._image_tensor(a) for a in truth[s:s + batch_size]]).to(engine.device)
+            x = torch.stack([engine.image_tensor(a) for a in truth[s:s + batch_size]]).to(engine.device)
             ids, _ = engine.model.rep_targets(x)
             out.append(to_uint8(engine.sample_pixels([p.text for p, _ in rows[s:s + batch_size]], ids, o, gen)))
     arr = np.concatenate(out)
@@ -85,7 +85,7 @@ def rep_reliance(engine: Engine, n: int = 64, ts: tuple[float, ...] = (0.1, 0.3)
         raise ValueError(f"rep reliance needs rep ids; a {engine.cfg.variant} model has none")
     m, c = engine.model, engine.cfg
     scenes = shapes.scenes("heldout", 0, n, c.image_size)
-    x = torch.stack([engine._image_tensor(shapes.render(sc)) for sc in scenes]).to(engine.device).float()
+    x = torch.stack([engine.image_tensor(shapes.render(sc)) for sc in scenes]).to(engine.device).float()
     prompts = [shapes.caption(sc) for sc in scenes]
     g = torch.Generator(device="cpu").manual_seed(seed)
     e = torch.randn(x.shape, generator=g).to(engine.device)
