@@ -171,6 +171,8 @@ class DataConfig:
     drop_text: float = 0.1  # probability of an empty prompt (guidance)
     drop_rep: float = 0.1  # probability of a dropped rep sequence (guidance)
     drop_both: float = 0.0  # probability of dropping both together on top (the pixel-guidance branch; sequence.guidance_drops)
+    hard_negatives: float = 0.0  # shapes, training only: share of "is there a <color> <shape>?" "no" questions asked of a
+    # confusable pair (its color and its shape both in the scene, never together; shapes.train_questions)
     seed: int = 0  # data seed: which slice of the train stream a run sees
 
 
@@ -314,7 +316,7 @@ def validate(cfg: Config) -> Config:
          "must be cpu, cuda, cuda:N or auto")
     need(m.image_size % m.gen_patch == 0 or not m.variant.startswith("pixel"), "model.image_size", m.image_size,
          f"not divisible by model.gen_patch={m.gen_patch}")
-    for name in ("gen_fraction", "prompt_fraction", "caption_fraction", "drop_text", "drop_rep", "drop_both", "fashion_pairs"):
+    for name in ("gen_fraction", "prompt_fraction", "caption_fraction", "drop_text", "drop_rep", "drop_both", "fashion_pairs", "hard_negatives"):
         v = getattr(d, name)
         need(0 <= v <= 1, f"data.{name}", v, "must be in [0, 1]")
     need(d.qa_turns >= 1, "data.qa_turns", d.qa_turns, "must be >= 1")

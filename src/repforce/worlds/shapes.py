@@ -284,3 +284,31 @@ def questions(scene: Scene) -> list[tuple[str, str]]:
         color, shape = absent[k]
         qa.append((f"is there a {color} {shape}?", "no"))
     return qa
+
+
+def confusable(scene: Scene) -> list[tuple[str, str]]:
+    """(color, shape) pairs absent from the scene whose color and shape are both in it, on different
+    objects: the negatives that only binding tells from the positives ("is there a green circle?"
+    with a green square and a red circle)."""
+    present = {(o.color, o.shape) for o in scene.objects}
+    colors, shapes_ = {o.color for o in scene.objects}, {o.shape for o in scene.objects}
+    return [(c, s) for c in sorted(colors) for s in SHAPES if s in shapes_ and (c, s) not in present]
+
+
+def train_questions(scene: Scene, rng: np.random.Generator, hard: float) -> list[tuple[str, str]]:
+    """questions(scene) with each "no" existence question replaced, at probability `hard`, by one
+    about a confusable pair when the scene has one (drawn without repeats). Training only: held-out
+    evaluation asks questions(scene) as it is, so the yes/no balance and every other kind are kept."""
+    qa = questions(scene)
+    pool = [f"is there a {c} {s}?" for c, s in confusable(scene)]
+    asked = {q for q, _ in qa}
+    pool = [q for q in pool if q not in asked]
+    if not hard or not pool:
+        return qa
+    order = list(rng.permutation(len(pool)))
+    out = []
+    for q, a in qa:
+        if a == "no" and q.startswith("is there") and order and rng.random() < hard:
+            q = pool[order.pop()]
+        out.append((q, a))
+    return out
