@@ -8,11 +8,15 @@ import torch
 from repforce.backbone import (
     Block,
     KVCache,
+    MoEFFN,
     RMSNorm,
     RoutedFFN,
     Transformer,
+    _grouped_mm_runs_on_cpu,
     apply_rope,
     causal_mask,
+    grouped_mm_ok,
+    moe_loop_reference,
     rope_cos_sin,
 )
 
@@ -107,6 +111,72 @@ def test_routing_sends_each_token_to_its_expert():
     ids[0, :3] = -1  # padding skips the FFN
     y = ffn(x, ids)
     assert torch.equal(y[0, :3], torch.zeros(3, 16)) and torch.allclose(y[1:], ref[1:], atol=1e-6)
+
+
+
+def uneven_moe(seed=0):
+    """A 6-expert top-2 bank fed x whose feature 0 is 1: its router column makes expert 0 the
+    favourite and expert 5 never chosen, so the groups are uneven and one is empty."""
+    torch.manual_seed(seed)
+    moe = MoEFFN(16, 8, n_routed=6, top_k=2)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(std=0.3)
+        moe.gate.weight[:, 0] = torch.tensor([3.0, 1.5, 1.0, 0.5, 0.0, -100.0])
+    x = torch.randn(3, 7, 16)
+    x[..., 0] = 1.0
+    return moe, x
+
+
+MOE_IMPLS = ["padded", pytest.param("grouped", marks=pytest.mark.skipif(
+    not _grouped_mm_runs_on_cpu(torch.float32), reason="this torch build has no CPU _grouped_mm"))]
+
+
+@pytest.mark.parametrize("impl", MOE_IMPLS)
+def test_moe_grouped_equals_loop(impl):
+    moe, x = uneven_moe()
+    counts = torch.bincount(moe.route(x.reshape(-1, 16))[1].reshape(-1), minlength=6)
+    assert counts[5] == 0 and counts.max() > 2 * counts[:5].min()  # uneven, one expert idle
+    grads = []
+    for run in (lambda xx: moe_loop_reference(moe, xx), lambda xx: moe(xx, impl=impl)):
+        moe.zero_grad()
+        xx = x.clone().requires_grad_()
+        y = run(xx)
+        (y * torch.linspace(-1, 1, 16)).sum().backward()  # a non-uniform upstream gradient
+        grads.append([y.detach(), xx.grad] + [p.grad.clone() for p in moe.parameters()])
+    for ref, got in zip(*grads):
+        assert torch.allclose(got, ref, atol=1e-5, rtol=1e-4), (got - ref).abs().max()
+    assert torch.equal(grads[1][3][5], torch.zeros(8, 16))  # the idle expert's gate_proj: zero gradient
+
+
+@pytest.mark.parametrize("impl", MOE_IMPLS)
+def test_moe_without_tokens_gives_zero_gradients(impl):
+    moe, _ = uneven_moe()  # FSDP's uniform mode runs a bank on no token: every parameter needs a gradient
+    moe(torch.zeros(0, 16), impl=impl).sum().backward()
+    assert all(p.grad is not None and not p.grad.any() for p in moe.parameters())
+
+
+def test_moe_has_no_host_sync():
+    """The meta device has no data, so a forward that runs there reads no value on the host:
+    no .item(), .tolist() or data-dependent shape. The loop version cannot run there."""
+    with torch.device("meta"):
+        moe, x = MoEFFN(16, 8, n_routed=6, top_k=2), torch.randn(3, 7, 16)
+        assert moe(x, impl="padded").shape == x.shape
+        bf16 = MoEFFN(16, 8, n_routed=6, top_k=2).bfloat16()  # _grouped_mm's meta kernel is bf16-only
+        assert bf16(x.bfloat16(), impl="grouped").shape == x.shape
+        with pytest.raises(NotImplementedError):
+            moe_loop_reference(moe, x)
+    assert grouped_mm_ok(torch.zeros(1, dtype=torch.float32), 16, 8) == _grouped_mm_runs_on_cpu(torch.float32)
+    assert not grouped_mm_ok(torch.zeros(1, dtype=torch.float64), 16, 8)  # fp64: the padded path
+    assert not grouped_mm_ok(torch.zeros(1, dtype=torch.float32), 16, 6)  # 24-byte rows: the padded path
+
+
+def test_moe_under_bf16_autocast_matches_loop():
+    moe, x = uneven_moe()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, got = moe_loop_reference(moe, x), moe(x)
+    assert got.dtype == ref.dtype == torch.float32
+    assert torch.allclose(got, ref, atol=2e-2), (got - ref).abs().max()
 
 
 def test_return_layer_and_bf16_autocast():

@@ -22,6 +22,8 @@ H query heads, Hk key/value heads, Dh head dim, F FFN hidden, E experts, N = B *
 R routed experts of a MoE bank, k experts per token.
 """
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -177,6 +179,38 @@ class Routing:
             self.order = torch.argsort(ids, stable=True)[:sum(self.counts)]  # (N_kept,) tokens grouped by expert
 
 
+@functools.cache
+def _grouped_mm_runs_on_cpu(dtype: torch.dtype) -> bool:
+    """Does this torch build have a CPU `_grouped_mm` for dtype, forward and backward? (2.6/2.7 have none.)"""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        a = torch.zeros(3, 8, dtype=dtype, requires_grad=True)
+        b = torch.zeros(2, 8, 8, dtype=dtype, requires_grad=True)
+        torch._grouped_mm(a, b, offs=torch.tensor([1, 3], dtype=torch.int32)).backward(torch.ones(3, 8, dtype=dtype))
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def grouped_mm_ok(x: torch.Tensor, dim: int, hidden: int) -> bool:
+    """Whether `torch._grouped_mm` runs the experts of a (dim, hidden) bank on x without a host sync.
+
+    CUDA: only its CUTLASS kernel (bf16 on sm90/sm100); elsewhere it falls back to a loop
+    over `offs.cpu()`, one sync per call. CPU: a loop in C++ over offsets already on the
+    host (fp32/bf16/fp16 where the build has it). Both want rows of 16 bytes, so dim and
+    hidden must be multiples of 16 / itemsize (every Qwen3-MoE size is).
+    """
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if (dim * x.element_size()) % 16 or (hidden * x.element_size()) % 16:
+        return False
+    if x.device.type == "cuda":
+        return (hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16
+                and torch.cuda.get_device_capability(x.device)[0] in (9, 10))
+    return x.device.type == "cpu" and _grouped_mm_runs_on_cpu(x.dtype)
+
+
 class MoEFFN(nn.Module):
     """Qwen3-MoE sparse FFN: a softmax router picks k of R routed SwiGLU experts per token.
 
@@ -184,6 +218,16 @@ class MoEFFN(nn.Module):
     them when `norm_topk`, y = sum_j p_j * expert_j(x). Weights are stacked per routed
     expert, (R, F, D) and (R, D, F), so FSDP shards a bank along its expert axis and the
     checkpoint's `experts.{j}.gate_proj.weight` is row j of `gate_proj`.
+
+    The N k (token, expert) pairs are sorted by expert and all R experts run as one
+    computation, with no host sync (the group sizes stay on the device):
+      - "grouped": `torch._grouped_mm` over the sorted pairs, group ends as offsets; the
+        cost of the k experts each token uses. Where `grouped_mm_ok` says it runs.
+      - "padded": each expert's pairs copied into its row of an (R, N, D) buffer, one bmm
+        per projection. N rows per expert is the only bound known without a sync (an
+        expert gets each token at most once), so it costs R/k times the grouped FLOPs: the
+        exact fallback for fp64, odd widths and GPUs without the bf16 kernel.
+    `moe_loop_reference` is the former per-expert loop, kept for tests and the benchmark.
     """
 
     def __init__(self, dim: int, hidden: int, n_routed: int, top_k: int, norm_topk: bool = True):
@@ -194,28 +238,64 @@ class MoEFFN(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(n_routed, hidden, dim))
         self.down_proj = nn.Parameter(torch.empty(n_routed, dim, hidden))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape, D = x.shape, x.shape[-1]
-        x = x.reshape(-1, D)  # (N, D)
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, D) -> routing weights (N, k) in x's dtype and expert ids (N, k)."""
         p = torch.softmax(self.gate(x), dim=-1, dtype=torch.float32)  # (N, R)
         w, idx = p.topk(self.top_k, dim=-1)  # (N, k)
         if self.norm_topk:
             w = w / w.sum(dim=-1, keepdim=True)
-        w = w.to(x.dtype)
-        # group the N * k (token, expert) pairs by expert, run each expert on its contiguous slice
-        order = torch.argsort(idx.reshape(-1), stable=True)  # (N k,)
-        counts = torch.bincount(idx.reshape(-1), minlength=self.gate_proj.shape[0]).tolist()  # one host sync
+        return w.to(x.dtype), idx
+
+    def forward(self, x: torch.Tensor, impl: str | None = None) -> torch.Tensor:
+        """x (..., D) -> (..., D). impl "grouped" or "padded" forces a path (tests, benchmark)."""
+        shape, D = x.shape, x.shape[-1]
+        x = x.reshape(-1, D)  # (N, D)
+        w, idx = self.route(x)
+        R, hidden = self.gate_proj.shape[:2]
+        order = torch.argsort(idx.reshape(-1), stable=True)  # (N k,) pairs grouped by expert
         token = order // self.top_k  # (N k,) the token of each sorted pair
-        ys = []
-        for e, xe in enumerate(x.index_select(0, token).split(counts)):  # per-expert (n_e, D)
-            if xe.shape[0]:
-                h = F.silu(xe @ self.gate_proj[e].T) * (xe @ self.up_proj[e].T)  # (n_e, F)
-                ys.append(h @ self.down_proj[e].T)
-        if not ys:  # no token at all (FSDP's uniform mode): zero gradients instead of none
-            touch = self.gate_proj[:0].sum() + self.up_proj[:0].sum() + self.down_proj[:0].sum()
-            ys = [x.new_zeros(0, D) + touch.to(x.dtype)]
-        y = torch.cat(ys) * w.reshape(-1)[order, None]  # (N k, D) weighted
+        e_sorted = idx.reshape(-1)[order]  # (N k,) ascending expert ids
+        ends = torch.searchsorted(e_sorted, torch.arange(1, R + 1, device=x.device), out_int32=True)  # (R,)
+        # autocast does not cover _grouped_mm: cast as it would a matmul (a no-op outside autocast)
+        dev = x.device.type
+        autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
+        dt = torch.get_autocast_dtype(dev) if autocast else x.dtype
+        xs = x.index_select(0, token).to(dt)  # (N k, D)
+        gate, up, down = (W.to(dt) for W in (self.gate_proj, self.up_proj, self.down_proj))
+        impl = impl or ("grouped" if grouped_mm_ok(xs, D, hidden) else "padded")
+        if impl == "grouped":
+            def mm(a, weight):  # a (N k, in) @ weight[e].T for each pair's expert e -> (N k, out)
+                return torch._grouped_mm(a, weight.transpose(1, 2), offs=ends)
+            y = mm(F.silu(mm(xs, gate)) * mm(xs, up), down)  # (N k, D)
+        else:
+            starts = torch.cat([ends.new_zeros(1), ends[:-1]]).long()  # (R,)
+            slot = e_sorted * x.shape[0] + torch.arange(len(order), device=x.device) - starts[e_sorted]  # (N k,)
+            xp = xs.new_zeros(R * x.shape[0], D).index_copy(0, slot, xs).view(R, x.shape[0], D)  # (R, N, D)
+            h = F.silu(torch.bmm(xp, gate.transpose(1, 2))) * torch.bmm(xp, up.transpose(1, 2))  # (R, N, F)
+            y = torch.bmm(h, down.transpose(1, 2)).view(-1, D).index_select(0, slot)  # (N k, D)
+        y = y * w.reshape(-1)[order, None]  # (N k, D) weighted
         return x.new_zeros(x.shape).index_add_(0, token, y.to(x.dtype)).view(shape)
+
+
+def moe_loop_reference(moe: MoEFFN, x: torch.Tensor) -> torch.Tensor:
+    """The per-expert Python loop MoEFFN.forward replaced (one host sync, R small matmuls):
+    the reference the grouped and padded paths are tested and benchmarked against."""
+    shape, D = x.shape, x.shape[-1]
+    x = x.reshape(-1, D)  # (N, D)
+    w, idx = moe.route(x)
+    order = torch.argsort(idx.reshape(-1), stable=True)  # (N k,)
+    counts = torch.bincount(idx.reshape(-1), minlength=moe.gate_proj.shape[0]).tolist()  # the host sync
+    token = order // moe.top_k  # (N k,)
+    ys = []
+    for e, xe in enumerate(x.index_select(0, token).split(counts)):  # per-expert (n_e, D)
+        if xe.shape[0]:
+            h = F.silu(xe @ moe.gate_proj[e].T) * (xe @ moe.up_proj[e].T)  # (n_e, F)
+            ys.append(h @ moe.down_proj[e].T)
+    if not ys:  # no token at all (FSDP's uniform mode): zero gradients instead of none
+        touch = moe.gate_proj[:0].sum() + moe.up_proj[:0].sum() + moe.down_proj[:0].sum()
+        ys = [x.new_zeros(0, D) + touch.to(x.dtype)]
+    y = torch.cat(ys) * w.reshape(-1)[order, None]  # (N k, D) weighted
+    return x.new_zeros(x.shape).index_add_(0, token, y.to(x.dtype)).view(shape)
 
 
 class RoutedFFN(nn.Module):
