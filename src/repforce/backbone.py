@@ -184,10 +184,12 @@ def _grouped_mm_runs_on_cpu(dtype: torch.dtype) -> bool:
     """Does this torch build have a CPU `_grouped_mm` for dtype, forward and backward? (2.6/2.7 have none.)"""
     if not hasattr(torch, "_grouped_mm"):
         return False
-    try:
-        a = torch.zeros(3, 8, dtype=dtype, requires_grad=True)
-        b = torch.zeros(2, 8, 8, dtype=dtype, requires_grad=True)
-        torch._grouped_mm(a, b, offs=torch.tensor([1, 3], dtype=torch.int32)).backward(torch.ones(3, 8, dtype=dtype))
+    try:  # on the CPU with autograd on, whatever context the first forward runs in (no_grad, meta device)
+        with torch.inference_mode(False), torch.enable_grad():
+            a = torch.zeros(3, 8, dtype=dtype, device="cpu", requires_grad=True)
+            b = torch.zeros(2, 8, 8, dtype=dtype, device="cpu", requires_grad=True)
+            offs = torch.tensor([1, 3], dtype=torch.int32, device="cpu")
+            torch._grouped_mm(a, b, offs=offs).backward(torch.ones(3, 8, dtype=dtype, device="cpu"))
         return True
     except (RuntimeError, NotImplementedError):
         return False
