@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run every benchmark with nothing else busy and save its JSON lines under docs/results/bench/,
 # the command on the first line; `repforce study report` puts them into docs/RESULTS.md.
-#   bash benchmarks/run_all.sh                 # all of them (about 15 minutes on 2 cores)
+#   bash benchmarks/run_all.sh                 # all of them (about 16 minutes on 2 cores)
 #   bash benchmarks/run_all.sh sampling scaling
 # quantizer_stability needs a trained shapes vlm run (VLM=runs/vlm by default); quantizer_drift_* also a
 # pixel_rf run trained from it (RF=runs/pixel_rf): is narrow codebook use in training the features' or the training's?
@@ -23,6 +23,7 @@ declare -A CMD=(
   [sampling]="$PY benchmarks/sampling.py --batches 1 64 --prompt-repeat 1 8"
   [peer_transfusion]="$PY benchmarks/peer_transfusion.py --steps 10 --rounds 3"
   [scaling]="$PY benchmarks/scaling.py"
+  [moe_grouped]="$PY benchmarks/moe_grouped.py"
   [faults]="$PY benchmarks/faults.py --trials 50"
   [serve_batching]="$PY benchmarks/serve_batching.py --ckpt shapes --requests 32 --n 4"
   [quantizer_stability]="$PY benchmarks/quantizer_stability.py --vlm $VLM"
@@ -37,7 +38,7 @@ declare -A CMD=(
   [fashion_oracle_cont]="$PY benchmarks/fashion_oracle.py --runs $FSTUDY/pixel_cont_s0"
 )
 names=("$@")
-[ ${#names[@]} -eq 0 ] && names=(train_throughput sampling peer_transfusion scaling quantizer_stability)
+[ ${#names[@]} -eq 0 ] && names=(train_throughput sampling peer_transfusion scaling moe_grouped quantizer_stability)
 for n in "${names[@]}"; do
   [ -n "${CMD[$n]:-}" ] || { echo "unknown benchmark: $n (one of ${!CMD[*]})" >&2; exit 2; }
   echo "== $n: ${CMD[$n]}" >&2
