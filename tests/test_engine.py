@@ -99,6 +99,13 @@ def test_heun_and_shift_run(rf):
     assert len(imgs) == 1 and imgs[0].size == (32, 32)
 
 
+def test_default_shift_follows_resolution(rf, monkeypatch):
+    seen, euler = [], E.flow.euler
+    monkeypatch.setattr(E.flow, "euler", lambda *a, shift, **kw: seen.append(shift) or euler(*a, shift=shift, **kw))
+    rf.generate(["a circle"], n=1, steps=1)
+    rf.generate(["a circle"], n=1, steps=1, shift=0.5)  # an explicit shift still wins
+    assert seen == [E.flow.resolution_shift(rf.model.cfg.image_size), 0.5] and seen[0] == 1.0  # 32 px: uniform
+
 def test_answer_cached_equals_uncached(runs):
     eng = _randomize(E.load(runs["vlm"], precision="fp32"))
     img = np.full((32, 32, 3), 240, np.uint8)

@@ -56,6 +56,19 @@ def test_shift():
     assert torch.allclose(1 - a * sigma / (1 + (a - 1) * sigma), s, atol=1e-6)
 
 
+def test_resolution_shift_follows_sd3():
+    """Ours is s = 1 / a for SD3's a; log a is linear in 16 px tokens (diffusers' calculate_shift) from
+    1 at 32 px (the small worlds unchanged) to SD3's 3.0 at 1024 px, held outside that range."""
+    a = {side: 1 / flow.resolution_shift(side) for side in (16, 32, 64, 128, 256, 512, 1024, 2048)}
+    assert a[16] == a[32] == 1.0 and a[1024] == pytest.approx(3.0) and a[2048] == a[1024]
+    assert a[256] == pytest.approx(math.exp(math.log(3) * (256 - 4) / (4096 - 4)))  # 1.07
+    assert 1.0 <= a[256] <= 1.65  # between SD3's 256^2 base (1) and Flux's value there (1.65)
+    sides = sorted(a)
+    assert all(a[lo] < a[hi] for lo, hi in zip(sides, sides[1:]) if 32 <= lo and hi <= 1024)  # more pixels, more noise
+    assert flow.resolution_shift(256, 1024) == flow.resolution_shift(512)  # by pixel count: same tokens, same shift
+    grid = flow.time_grid(25, flow.resolution_shift(1024))
+    assert (grid[1:-1] < torch.linspace(0, 1, 26)[1:-1]).all()  # at 1024 px the steps move toward noise
+
 @pytest.mark.parametrize("shift", [1.0, 0.5])
 def test_euler_heun_on_linear_field(shift):
     """dz/dt = a z: Euler multiplies by (1 + a dt) per step, Heun by (1 + a dt + (a dt)^2 / 2)

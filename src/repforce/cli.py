@@ -386,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--steps", type=int, default=25, help="ODE steps")
     g.add_argument("--solver", default="euler", choices=("euler", "heun"))
-    g.add_argument("--shift", type=float, help="timestep shift (default: 32 / image side)")
+    g.add_argument("--shift", type=float, help="timestep shift (default: flow.resolution_shift, 1 at 32 px)")
     g.add_argument("--cfg", type=float, default=3.0, help="pixel guidance weight")
     g.add_argument("--interval", default="0,1", help="guidance interval lo,hi in t")
     g.add_argument("--rep-cfg", dest="rep_cfg", type=float, default=2.0, help="rep-token guidance weight")

@@ -60,7 +60,7 @@ class InferenceError(Exception):
 class GenOptions:
     steps: int = 25  # ODE steps
     solver: str = "euler"  # "euler" or "heun"
-    shift: float | None = None  # timestep shift s; None = 32 / image side (1.0 on the 32 px world)
+    shift: float | None = None  # timestep shift s; None = flow.resolution_shift of the image (1.0 at 32 px)
     cfg: float = 3.0  # pixel guidance weight (text and rep dropped together in the other branch)
     interval: tuple[float, float] = (0.0, 1.0)  # guidance only for t in [lo, hi]
     rep_cfg: float = 2.0  # rep-token guidance weight against the text-dropped branch
@@ -271,7 +271,7 @@ class Engine:
             return vc, vu
 
         z0 = randn(gen, B, c.gen_channels, c.gen_size, c.gen_size, device=self.device)
-        shift = o.shift if o.shift is not None else 32 / c.image_size
+        shift = o.shift if o.shift is not None else flow.resolution_shift(c.image_size)
         solve = {"euler": flow.euler, "heun": flow.heun}[o.solver]
         out = solve(v_fn, z0, steps=o.steps, shift=shift, w=o.cfg, interval=o.interval)
         bar.close()

@@ -15,13 +15,14 @@ to t = 1 (data) with Euler or Heun on a grid warped by the timestep shift
 
 With t = 1 - sigma this is SD3's shift sigma' = a sigma / (1 + (a - 1) sigma) with
 a = 1 / s: s < 1 spends more steps near noise (what larger images want), s = 1 is
-the uniform grid.
+the uniform grid. `resolution_shift` picks s from the image's size.
 
 Guidance: `cfg(u, c, w) = u + w * (c - u)`. A velocity function may apply it itself
 or return the pair (c, u); the samplers then combine the pair with weight w inside
 the guidance interval [lo, hi] of t and use c alone outside it (JiT).
 """
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -30,6 +31,11 @@ import torch.nn.functional as F
 T_EPS = 0.05  # floor of 1 - t in x -> v, keeps v finite near t = 1
 T_MEAN = -0.8  # logit-normal location of train-time t
 T_STD = 0.8  # logit-normal scale of train-time t
+# resolution-dependent shift, diffusers' line through two (image tokens, log SD3 shift) points; tokens are
+# 16 x 16 px cells (the scale patch), so an image gets the same shift whatever the model's patch or latent
+SHIFT_BASE_TOKENS = 4  # 32 x 32 px, the small worlds: SD3 shift 1, as they were trained and measured
+SHIFT_MAX_TOKENS = 4096  # 1024 x 1024 px: SD3 shift 3.0, what SD3 samples 1024^2 with
+SHIFT_MAX_MU = math.log(3.0)  # log of the SD3 shift at SHIFT_MAX_TOKENS
 
 
 def _bcast(t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
@@ -86,6 +92,29 @@ def fm_loss_capped(x_pred: torch.Tensor, x: torch.Tensor, t: torch.Tensor, floor
 def shift_t(t: torch.Tensor, s: float) -> torch.Tensor:
     """Timestep shift t' = s t / (1 + (s - 1) t); fixes 0 and 1."""
     return s * t / (1 + (s - 1) * t)
+
+
+def resolution_shift(height: int, width: int | None = None) -> float:
+    """This file's shift s for an image of height x width pixels (square if width is None).
+
+    SD3 (Esser et al. 2024, sec. 5.3.2) shifts toward noise as the image grows; Flux and
+    diffusers (`calculate_shift`, `use_dynamic_shifting`) make log of SD3's shift a linear
+    in the image's token count n, between a base and a max:
+
+        n  = height * width / 16^2                                     (16 px cells)
+        mu = SHIFT_MAX_MU * (n - SHIFT_BASE_TOKENS) / (SHIFT_MAX_TOKENS - SHIFT_BASE_TOKENS)
+        a  = exp(mu)       SD3's shift on sigma = 1 - t
+        s  = 1 / a         ours (t = 1 is data; s < 1: more steps near noise)
+
+    with n held in [SHIFT_BASE_TOKENS, SHIFT_MAX_TOKENS]: a = 1 at 32 px and below (the
+    small worlds keep the uniform grid), 1.07 at 256 px (SD3 samples its 256^2 base with 1,
+    Flux with 1.65), 1.31 at 512 px, 3.0 at 1024 px and above (SD3's 3.0, Flux's 3.16;
+    diffusers extends the line instead, which would give a = 81 at 2048 px here).
+    """
+    n = height * (height if width is None else width) / 16 ** 2
+    n = min(max(n, SHIFT_BASE_TOKENS), SHIFT_MAX_TOKENS)
+    mu = SHIFT_MAX_MU * (n - SHIFT_BASE_TOKENS) / (SHIFT_MAX_TOKENS - SHIFT_BASE_TOKENS)
+    return math.exp(-mu)
 
 
 def time_grid(steps: int, shift: float = 1.0, device=None) -> torch.Tensor:
