@@ -38,6 +38,32 @@ def test_stages_follow_the_recipe():
     assert preset("scale_s3").model.image_size == 1024  # the paper's last stage
 
 
+def test_scale_presets_use_the_printed_quantizer():
+    """Appendix B as printed, in every scale preset; and a tiny model with that quantizer trains a step."""
+    import torch
+    from conftest import tiny_model
+    from test_model import make_batch
+
+    from repforce.model import RFModel
+
+    printed = dict(rep_temperature=0.5, rep_momentum=0.9999, rep_balance="softmax", rep_balance_stats="batch",
+                   rep_init="random", rep_dead_after=0, rep_center=False)
+    assert presets.PAPER_QUANTIZER == printed
+    for name in (n for n in presets.PRESETS if n.startswith("scale")):
+        m = preset(name).model
+        assert {k: getattr(m, k) for k in printed} == printed, name
+    torch.manual_seed(0)
+    model = RFModel(tiny_model("pixel_rf", **printed))
+    assert not hasattr(model, "feat_center")  # no centering
+    before = model.quantizer.prototypes.clone()
+    out = model(make_batch(model.cfg))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and out["loss_rep"] > 0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    moved = (model.quantizer.prototypes - before).norm(dim=1)  # (K,)
+    assert 0 < moved.max() < 1e-3  # momentum 0.9999: a step of about 1e-4 toward the assigned features
+    assert (moved[model.quantizer.unused > 0] == 0).all()  # prototypes that got no feature stay as they were
+
 def test_gpu_benchmark_smoke_runs_on_cpu():
     script = Path(__file__).parent.parent / "benchmarks" / "gpu_small_preset.py"
     done = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, timeout=120,

@@ -138,9 +138,18 @@ STAGES = {  # stage -> (variant, lr, steps, trained parameter prefixes); the ima
 }
 
 
+# The quantizer as the paper's Appendix B prints it (docs/DESIGN.md, "Representation targets"): random unit
+# prototypes, one softmax-over-positions balancing step on the batch, momentum 0.9999, no feature centering, no
+# re-seeding of idle prototypes. The small worlds' changes (centering, re-seeding after 100 idle updates, data
+# init, running statistics) answer 32 mostly empty 32 px canvases per batch; nothing has measured them at
+# scale, where the paper's batch of thousands is what its step was written for, so the scale presets keep it.
+PAPER_QUANTIZER = dict(rep_temperature=0.5, rep_momentum=0.9999, rep_balance="softmax", rep_balance_stats="batch",
+                       rep_init="random", rep_dead_after=0, rep_center=False)
+
+
 def _model(llm: dict, vision: dict, image_size: int, variant: str) -> ModelConfig:
     return ModelConfig(variant=variant, image_size=image_size, gen_size=image_size, gen_patch=16, rep_pool=2,
-                       codebook_size=16384, rep_momentum=0.9999, encoder_ema=0.9999, gen_head_hidden=0,
+                       codebook_size=16384, encoder_ema=0.9999, gen_head_hidden=0, **PAPER_QUANTIZER,
                        **llm, **encoder_fields(config=vision))
 
 
