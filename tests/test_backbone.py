@@ -177,6 +177,16 @@ def test_moe_has_no_host_sync():
     assert not grouped_mm_ok(torch.zeros(1, dtype=torch.float32), 16, 6)  # 24-byte rows: the padded path
 
 
+def test_moe_under_activation_checkpointing():
+    """The first forward also asks whether the build has a CPU _grouped_mm (then cached): that must
+    save no tensor which the recomputation, asking no more, would not save."""
+    moe, x = uneven_moe()
+    _grouped_mm_runs_on_cpu.cache_clear()
+    x.requires_grad_()
+    y = torch.utils.checkpoint.checkpoint(moe, x, use_reentrant=False)
+    (y * torch.linspace(-1, 1, 16)).sum().backward()
+    assert torch.allclose(y, moe_loop_reference(moe, x), atol=1e-5) and torch.isfinite(x.grad).all()
+
 def test_moe_under_bf16_autocast_matches_loop():
     moe, x = uneven_moe()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):

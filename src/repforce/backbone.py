@@ -181,15 +181,18 @@ class Routing:
 
 @functools.cache
 def _grouped_mm_runs_on_cpu(dtype: torch.dtype) -> bool:
-    """Does this torch build have a CPU `_grouped_mm` for dtype, forward and backward? (2.6/2.7 have none.)"""
+    """Does this torch build have a CPU `_grouped_mm` for dtype, in the forms forward and backward use?
+    (2.6/2.7 have none.) Runs under no_grad, so that inside activation checkpointing it saves no
+    tensor on the first forward that the recomputation (cached answer) would not save."""
     if not hasattr(torch, "_grouped_mm"):
         return False
-    try:  # on the CPU with autograd on, whatever context the first forward runs in (no_grad, meta device)
-        with torch.inference_mode(False), torch.enable_grad():
-            a = torch.zeros(3, 8, dtype=dtype, device="cpu", requires_grad=True)
-            b = torch.zeros(2, 8, 8, dtype=dtype, device="cpu", requires_grad=True)
+    try:  # on the CPU, whatever device context the first forward runs in
+        with torch.no_grad():
+            a = torch.zeros(3, 8, dtype=dtype, device="cpu")
+            b = torch.zeros(2, 8, 8, dtype=dtype, device="cpu")
             offs = torch.tensor([1, 3], dtype=torch.int32, device="cpu")
-            torch._grouped_mm(a, b, offs=offs).backward(torch.ones(3, 8, dtype=dtype, device="cpu"))
+            torch._grouped_mm(a, b, offs=offs)  # (N k, in) by per-group (in, out): forward, input gradient
+            torch._grouped_mm(a.t(), a, offs=offs)  # (in, N k) by (N k, out) per group: weight gradient
         return True
     except (RuntimeError, NotImplementedError):
         return False
