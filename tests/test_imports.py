@@ -22,7 +22,7 @@ LAYERS = [
     ["config", "pretrained", "vae", "positions"],
     ["model", "checkpoint", "parallelize", "datasources", "worlds.*"],
     ["presets", "engine", "data"],
-    ["train", "service"],
+    ["train", "service", "exports", "lmms"],  # exports, lmms: benchmark formats over the engine
     ["study.*"],
     ["webapp"],
     ["serve"],
@@ -31,7 +31,8 @@ LAYERS = [
 PACKAGES = ("", "worlds", "study")  # the __init__ files: no import of the package at all
 # third-party modules a function may import lazily: heavy, and needed only on some paths
 HEAVY = ("transformers", "diffusers", "datasets", "scipy", "tokenizers", "torch.distributed.",
-         "gradio", "fastapi", "uvicorn")  # the last three: `repforce serve` only (repforce[serve])
+         "gradio", "fastapi", "uvicorn",  # these three: `repforce serve` only (repforce[serve])
+         "lmms_eval")  # repforce.lmms only (repforce[lmms])
 
 
 def module_name(path: Path, root: Path) -> str:

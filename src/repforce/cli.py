@@ -25,6 +25,7 @@ from PIL import Image  # noqa: E402
 
 from . import checkpoint  # noqa: E402
 from . import engine as E  # noqa: E402
+from . import exports  # noqa: E402
 from .config import ConfigError, override, validate  # noqa: E402
 from .engine import GenOptions  # noqa: E402
 from .presets import preset  # noqa: E402
@@ -185,24 +186,52 @@ def _gen_options(args):
                       rep_cfg=args.rep_cfg, rep_temperature=args.temperature, rep_top_k=args.top_k)
 
 
+def _export(eng, args, bench: list[exports.Prompt], opts) -> None:
+    """--prompts geneval | dpg: the benchmark's own folder layout (repforce.exports)."""
+    out = Path(args.out)
+    if args.prompts == "geneval":
+        exports.write_geneval(eng, bench, out, args.n, opts, args.seed)
+        print(f"wrote GenEval images to {out}; score them with geneval's python evaluation/evaluate_images.py "
+              f"{out} --outfile {out}/results.jsonl --model-path DETECTOR_FOLDER")
+    else:
+        exports.write_dpg(eng, bench, out, args.n, opts, args.seed)
+        print(f"wrote DPG-Bench images to {out}; score them with ELLA's "
+              f"PIC_NUM={args.n} bash dpg_bench/dist_eval.sh {out} {eng.cfg.image_size}")
+
+
 def cmd_generate(args) -> None:
     if bool(args.prompt) == bool(args.prompts):
-        raise UserError("give --prompt TEXT (repeatable) or --prompts shapeseval")
-    if args.prompts and args.prompts != "shapeseval":
-        raise UserError(f"--prompts={args.prompts!r}: the only prompt set is 'shapeseval'")
+        raise UserError("give --prompt TEXT (repeatable) or --prompts shapeseval|geneval|dpg")
+    if args.prompts and args.prompts not in ("shapeseval", "geneval", "dpg"):
+        raise UserError(f"--prompts={args.prompts!r}: the prompt sets are shapeseval, geneval and dpg")
+    if bool(args.metadata) != (args.prompts in ("geneval", "dpg")):
+        raise UserError("--metadata FILE goes with --prompts geneval or dpg, and only with them")
     if args.n < 1:
         raise UserError(f"--n={args.n}: must be >= 1")
+    if args.prompts == "dpg" and args.n > exports.DPG_MAX_SAMPLES:
+        raise UserError(f"--n={args.n}: DPG-Bench takes 1 to {exports.DPG_MAX_SAMPLES} images per prompt")
+    bench = None  # the benchmark's prompts, read before the model loads so that a bad file fails at once
+    try:
+        if args.prompts == "geneval":
+            bench = exports.read_geneval(args.metadata)
+        elif args.prompts == "dpg":
+            bench = exports.read_dpg(args.metadata)
+    except exports.ExportError as e:
+        raise UserError(str(e)) from None
     eng = _engine(args)
     out = Path(args.out)
     try:
         opts = _gen_options(args)
+        if bench:
+            _export(eng, args, bench, opts)
+            return
         if args.prompts:
             write_shapeseval(eng, out, args.n, opts, args.seed, args.per_category)
             print(f"wrote ShapesEval images to {out}; score them with: repforce eval shapes --images {out} --n {args.n}"
                   + (f" --per-category {args.per_category}" if args.per_category != 60 else ""))
             return
         arr, _ = eng.generate_arrays(args.prompt, args.n, args.seed, opts, progress=True)
-    except E.InferenceError as e:
+    except (E.InferenceError, exports.ExportError) as e:
         raise UserError(str(e)) from None
     out.mkdir(parents=True, exist_ok=True)
     for i, a in enumerate(arr):
@@ -380,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="draw images from prompts")
     g.add_argument("--ckpt", required=True, help="run folder or checkpoint folder")
     g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    g.add_argument("--prompts", help="a prompt set: shapeseval (writes the eval layout)")
+    g.add_argument("--prompts", help="a prompt set, written in its benchmark's layout: shapeseval, geneval or dpg")
+    g.add_argument("--metadata", help="geneval: its evaluation_metadata.jsonl; dpg: its prompts folder or dpg_bench.csv")
     g.add_argument("--n", type=int, default=4, help="images per prompt")
     g.add_argument("--out", required=True)
     g.add_argument("--seed", type=int, default=0)
