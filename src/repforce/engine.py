@@ -395,6 +395,38 @@ class Engine:
     def caption(self, images, **kw) -> list[str]:
         return self.answer(images, [CAPTION_QUESTION] * len(images), **kw)
 
+    @torch.no_grad()
+    def answer_logprob(self, images, questions: list[str], answers: list[str]) -> list[tuple[float, bool]]:
+        """(log-probability of each answer's tokens after its image and question, whether greedy
+        decoding yields exactly those tokens): what multiple-choice benchmarks score. The answer is
+        tokenized alone and without its EOS, as training tokenizes answers."""
+        if not len(images) == len(questions) == len(answers):
+            raise InferenceError(f"{len(images)} images, {len(questions)} questions, {len(answers)} answers")
+        if not questions:
+            return []
+        m, tok = self.model, self.tok
+        ans = [tok.encode(a) for a in answers]
+        if not all(ans):
+            raise InferenceError("empty answer")
+        x = torch.stack([self.image_tensor(i) for i in images]).to(self.device)
+        built = [und_prefix(tok, self.layout, q) for q in questions]
+        tokens, kind, pos = _left_pad([b[0] + a for b, a in zip(built, ans)],
+                                      [b[1] + [TEXT] * len(a) for b, a in zip(built, ans)])
+        if tokens.shape[1] > self.max_len:
+            raise InferenceError(f"question and answer too long for the context of {self.max_len}")
+        tokens, kind, pos = tokens.to(self.device), kind.to(self.device), pos.to(self.device)
+        with self._autocast():
+            h = m.embed_text(tokens)
+            h[kind == ENC] = m.embed_image(x).reshape(-1, h.shape[-1]).to(h.dtype)
+            hidden = m.forward_hidden(h, kind, pos)  # (B, L, D)
+        L, out = tokens.shape[1], []
+        for b, a in enumerate(ans):  # rows are left-padded: every answer ends in the last column
+            n = len(a)
+            logp = m.lm_logits(hidden[b, L - n - 1:L - 1]).float().log_softmax(-1)  # (n, V): position i predicts i + 1
+            target = tokens[b, L - n:]
+            out.append((logp.gather(-1, target[:, None]).sum().item(), bool((logp.argmax(-1) == target).all())))
+        return out
+
 
 # ---------------------------------------------------------------------- loading
 
