@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import flex_attend
+
 # ---------------------------------------------------------------- primitives
 
 
@@ -146,7 +148,11 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, Hk, S, Dh)
         # boolean mask (B, 1, L, S), True = may attend; enable_gqa shares each kv head across H/Hk query heads
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=self.n_heads != self.n_kv_heads)
+        gqa = self.n_heads != self.n_kv_heads
+        if isinstance(attn_mask, torch.Tensor):
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+        else:  # a FlexAttention BlockMask of the same rule (attention.py): no L x L mask
+            y = flex_attend(q, k, v, attn_mask, gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, L, -1))  # (B, L, D)
 
 
@@ -402,7 +408,8 @@ class Transformer(nn.Module):
     def forward(self, h: torch.Tensor, expert_ids: torch.Tensor, attn_mask: torch.Tensor, positions: torch.Tensor,
                 kv_cache: KVCache | None = None, return_layer: int | None = None):
         """h (B, L, D) input embeddings, expert_ids (B, L), attn_mask (B, 1, L, S) bool (True = may
-        attend; S = cached length + L), positions (B, L) RoPE positions.
+        attend; S = cached length + L) or a FlexAttention BlockMask (attention.py), positions (B, L)
+        RoPE positions.
 
         Returns the final-normed hidden (B, L, D); with return_layer=i also the residual
         stream after layers[i] (0-based), un-normed, for REPA. With a kv_cache the keys

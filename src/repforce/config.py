@@ -17,8 +17,10 @@ import typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .attention import ATTENTIONS
 from .encoder import HF_ENCODERS
 from .flow import T_EPS, T_MEAN, T_STD
+from .packing import parse_sides, side_unit
 from .quantizer import BALANCES, INITS, STATS
 
 VARIANTS = ("vlm", "pixel", "pixel_rf", "vae", "vae_rf", "pixel_repa", "pixel_cont")
@@ -245,6 +247,12 @@ class TrainConfig:
     freeze: str = ""  # comma-separated parameter-name prefixes kept frozen (after train_only), e.g. "encoder."
     max_bad_steps: int = 20  # a step with a non-finite loss or gradient is skipped (no update, EMA untouched);
     # this many in a row stop the run with an error, the last checkpoint kept (1 = stop at the first)
+    tokens_per_rank: int = 0  # > 0: each rank's samples packed into rows of this many tokens, a sample attending
+    # only to itself, RoPE positions from 0 (packing.py; the paper: 32,768); 0 = one right-padded row per sample
+    image_sides: str = ""  # packed rows: square image sides in pixels, one drawn per sample, e.g. "16,24,32" (each a
+    # multiple of packing.side_unit, at most model.image_size; pixel and vlm variants); "" = model.image_size
+    attention: str = "sdpa"  # "sdpa": dense boolean mask (the reference, CPU); "flex": FlexAttention on a BlockMask of
+    # the same rule, no L x L mask (GPU; attention.py). Not part of the model: a checkpoint runs under either
 
 
 @dataclass(frozen=True)
@@ -290,6 +298,7 @@ def validate(cfg: Config) -> Config:
     need(t.steps >= 0, "train.steps", t.steps, "must be >= 0")
     need(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
     need(t.max_bad_steps >= 1, "train.max_bad_steps", t.max_bad_steps, "must be >= 1")
+    _check_packing(t, m, need)
     need(t.precision in ("auto", "bf16", "fp32"), "train.precision", t.precision, "must be auto, bf16 or fp32")
     need(0 <= t.ema < 1, "train.ema", t.ema, "must be in [0, 1)")
     need(t.ckpt_every >= 1, "train.ckpt_every", t.ckpt_every, "must be >= 1")
@@ -323,6 +332,28 @@ def validate(cfg: Config) -> Config:
     if m.variant.startswith("vae"):
         need(bool(t.vae), "train.vae", t.vae, f"variant {m.variant} needs the folder of a trained VAE (repforce train-vae)")
     return cfg
+
+
+def _check_packing(t: TrainConfig, m: ModelConfig, need) -> None:
+    """train.tokens_per_rank, image_sides and attention (packing.py, attention.py)."""
+    need(t.tokens_per_rank >= 0, "train.tokens_per_rank", t.tokens_per_rank, "must be >= 0 (0 = no packing)")
+    need(t.attention in ATTENTIONS, "train.attention", t.attention, f"must be one of {ATTENTIONS}")
+    need(t.attention != "flex" or t.device != "cpu", "train.attention", t.attention,
+         "flex trains on CUDA: FlexAttention has no CPU backward (torch 2.13); sdpa is the CPU path")
+    if not t.image_sides:
+        return
+    try:
+        sides = parse_sides(t.image_sides)
+    except ValueError:
+        sides = ()
+    need(bool(sides), "train.image_sides", t.image_sides, "must be comma-separated sides in pixels, e.g. 16,24,32")
+    need(t.tokens_per_rank > 0, "train.image_sides", t.image_sides, "needs packed rows (train.tokens_per_rank > 0)")
+    need(m.variant.startswith("pixel") or m.variant == "vlm", "train.image_sides", t.image_sides,
+         f"several sizes need a pixel or the vlm variant (the {m.variant} variant's VAE encodes one size)")
+    unit = side_unit(m)
+    for s in sides:
+        need(0 < s <= m.image_size and s % unit == 0, "train.image_sides", t.image_sides,
+             f"each side must be a multiple of {unit} px (gen patch, rep cell) up to model.image_size={m.image_size}")
 
 
 def with_variant(cfg: Config, variant: str) -> Config:

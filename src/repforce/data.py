@@ -19,6 +19,7 @@ import torch
 from . import runtime
 from .config import DataConfig
 from .datasources import MixStream
+from .packing import at_positions
 from .sequence import CAPTION_QUESTION, REP, Layout, Sample, collate_samples, guidance_drops
 from .tokenizer import Tokenizer, train_tokenizer
 from .worlds import fashion, shapes, shapeseval
@@ -76,8 +77,10 @@ def make_stream(cfg, tok, layout: Layout):
     return MixStream(cfg, tok, layout)
 
 
-def local_batch(stream, step: int, global_batch: int, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """This rank's slice of the global batch of `step`, with per-sample noise seeds and the loss divisors.
+def local_batch(stream, step: int, global_batch: int, seed: int, device: torch.device,
+                pack=None) -> dict[str, torch.Tensor]:
+    """This rank's slice of the global batch of `step`, with per-sample noise seeds and the loss divisors;
+    pack (packing.packer): the slice packed into rows before the divisors are counted.
 
     Sample j of the run (j = step * global_batch + i) always gets noise seed f(seed, j), so the
     flow noise does not depend on how the batch is split. norm_lm / norm_rep / norm_gen are the
@@ -92,8 +95,10 @@ def local_batch(stream, step: int, global_batch: int, seed: int, device: torch.d
     first = step * global_batch + r * b  # index of this rank's first sample in the run
     batch = stream.batch(step, global_batch, r, w)  # samples first .. first + b - 1 of the run
     batch["noise_seed"] = (seed * 1_000_003 + first + torch.arange(b, dtype=torch.long)) % (2**62)
-    keep = batch["is_gen"] & ~batch["drop_rep"]
-    counts = torch.tensor([(batch["text_targets"] != -100).sum(), ((batch["kind"] == REP) & keep[:, None]).sum(),
+    if pack is not None:
+        batch = pack(batch)
+    keep = at_positions(batch["is_gen"] & ~batch["drop_rep"], batch.get("doc"))  # (B, L) rep slots with a target
+    counts = torch.tensor([(batch["text_targets"] != -100).sum(), ((batch["kind"] == REP) & keep).sum(),
                            batch["is_gen"].sum()], dtype=torch.float32, device=device)
     counts = runtime.all_sum(counts) / w
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}

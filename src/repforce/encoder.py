@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .positions import crop_grid
+
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
     """(B, C, H, W) -> (B, N, P), patches in raster order, values ordered (py, px, c)."""
@@ -82,8 +84,12 @@ class ImageEncoder(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=std)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (B, C, H, W) in [-1, 1] -> (features before the final norm, normed features), each (B, N, D)."""
-        x = self.patch_embed(patchify(images, self.patch)) + self.pos_embed  # (B, N, D)
+        """images (B, C, H, W) in [-1, 1] -> (features before the final norm, normed features), each (B, N, D).
+        A square image smaller than image_size takes the top-left of the position grid (packing.py)."""
+        pos = self.pos_embed
+        if images.shape[-1] != self.grid * self.patch:
+            pos = crop_grid(pos[0], images.shape[-1] // self.patch)[None]  # (1, N, D)
+        x = self.patch_embed(patchify(images, self.patch)) + pos  # (B, N, D)
         for block in self.blocks:
             x = block(x)
         return x, self.norm(x)

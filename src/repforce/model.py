@@ -27,16 +27,18 @@ P values per gen patch, K codebook size.
 
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import flow
+from . import flow, packing
+from .attention import ATTENTIONS, block_mask, may_attend
 from .backbone import KVCache, RoutedFFN, Transformer
 from .config import Config, ModelConfig
 from .encoder import Connector, build_encoder, ema_update, patchify, unpatchify
-from .positions import grid_sincos, image_rope_positions
+from .positions import crop_grid, grid_sincos, image_rope_positions
 from .quantizer import FeatureCenter, OnlineQuantizer, pool2x2
 from .sequence import ENC, GEN, PAD, REP
 
@@ -44,20 +46,21 @@ KIND_TO_EXPERT = (-1, 0, 0, 1, 2)  # pad -> no FFN (backbone.py); text, encoder 
 
 
 def attention_mask(q_kind: torch.Tensor, q_pos: torch.Tensor, k_kind: torch.Tensor | None = None,
-                   k_pos: torch.Tensor | None = None) -> torch.Tensor:
+                   k_pos: torch.Tensor | None = None, doc: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean attention mask (B, 1, Lq, Lk), True = may attend, from kinds and positions.
 
     A query sees a key if the key is not padding and either comes no later (causal)
     or both are ENC or both are GEN (the image blocks are bidirectional; each sample
-    holds one image, so one block per kind). Keys default to the queries (a full
-    forward); with a KVCache they are the cached prefix followed by the queries.
+    holds one image, so one block per kind): attention.may_attend. Keys default to the
+    queries (a full forward); with a KVCache they are the cached prefix followed by the
+    queries. doc (B, L): packed rows' sample of each position; a query then sees its own only.
     """
     if k_kind is None:
         k_kind, k_pos = q_kind, q_pos
     qk, qp = q_kind[:, :, None], q_pos[:, :, None]  # (B, Lq, 1)
     kk, kp = k_kind[:, None, :], k_pos[:, None, :]  # (B, 1, Lk)
-    block = (qk == kk) & ((qk == ENC) | (qk == GEN))
-    allowed = (kk != PAD) & ((kp <= qp) | block)  # (B, Lq, Lk)
+    qd, kd = (None, None) if doc is None else (doc[:, :, None], doc[:, None, :])
+    allowed = may_attend(qk, qp, qd, kk, kp, kd)  # (B, Lq, Lk)
     # a padding query with no visible key (left padding) looks at all keys: keeps SDPA finite, output unused
     allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
     return allowed[:, None]
@@ -152,6 +155,7 @@ class RFModel(nn.Module):
         if cfg.variant == "pixel_repa":
             self.repa_proj = mlp(D, 2 * D, De)
         self.uniform = False  # set_uniform(): every module runs on every batch (sharded runs)
+        self.attention = "sdpa"  # set_attention(): "flex" for FlexAttention in full forwards (attention.py)
         self.init_weights()
 
     @torch.no_grad()
@@ -206,6 +210,13 @@ class RFModel(nn.Module):
             if isinstance(m, RoutedFFN):
                 m.uniform = on
 
+    def set_attention(self, kind: str) -> None:
+        """"sdpa" (dense boolean mask, the reference) or "flex" (FlexAttention on a BlockMask of the same
+        rule; GPU, compiled) for full forwards; KV-cached steps always use SDPA (train.attention)."""
+        if kind not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {kind!r}")
+        self.attention = kind
+
     # ------------------------------------------------------------ inputs of each kind of position
 
     def embed_text(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, D)
@@ -215,19 +226,24 @@ class RFModel(nn.Module):
         """Understanding input: (B, C, H, W) -> connector(normed encoder features) (B, E, D)."""
         return self.connector(self.encoder(images)[1])
 
-    def embed_rep(self, values: torch.Tensor, start: int = 0, drop: torch.Tensor | None = None) -> torch.Tensor:
+    def embed_rep(self, values: torch.Tensor, start: int = 0, drop: torch.Tensor | None = None,
+                  cells: int | None = None) -> torch.Tensor:
         """Rep slot inputs for cells [start, start + m): ids (B, m) long, or continuous features
-        (B, m, De) for pixel_cont; rows with drop (B,) True get the null embedding. -> (B, m, D)."""
+        (B, m, De) for pixel_cont; rows with drop (B,) True get the null embedding. -> (B, m, D).
+        cells: rep cells per side of a smaller image (packing.py): the top-left of rep_pos."""
         m = values.shape[1]
         x = self.rep_embed(values) if values.dtype == torch.long else self.cont_in(values)  # (B, m, D)
         if drop is not None:
             x = torch.where(drop[:, None, None], self.null_rep.to(x.dtype), x)
-        return x + self.rep_pos[start:start + m].to(x.dtype)
+        pos = self.rep_pos if cells is None else crop_grid(self.rep_pos, cells)
+        return x + pos[start:start + m].to(x.dtype)
 
     def embed_gen(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Gen slot inputs: noisy z_t (B, C, Hg, Wg) at time t (B,) -> (B, N, D)."""
+        """Gen slot inputs: noisy z_t (B, C, Hg, Wg) at time t (B,) -> (B, N, D); a smaller square
+        z (packing.py) takes the top-left of gen_pos."""
         x = self.gen_embed(patchify(z, self.cfg.gen_patch))  # (B, N, D)
-        return x + self.gen_pos.to(x.dtype) + self.t_embed(t)[:, None].to(x.dtype)
+        pos = crop_grid(self.gen_pos, z.shape[-1] // self.cfg.gen_patch)  # (N, D), all of it at full size
+        return x + pos.to(x.dtype) + self.t_embed(t)[:, None].to(x.dtype)
 
     # ------------------------------------------------------------ heads
 
@@ -257,20 +273,31 @@ class RFModel(nn.Module):
 
     def forward_hidden(self, h: torch.Tensor, kind: torch.Tensor, positions: torch.Tensor,
                        kv_cache: KVCache | None = None, commit: bool = True, return_layer: int | None = None,
-                       image_start: torch.Tensor | None = None):
+                       image_start: torch.Tensor | None = None, doc: torch.Tensor | None = None):
         """Backbone over input embeddings h (B, L, D) of the given kinds and positions (B, L).
         image_start: with image_rope="2d", the 1D position of the image's first slot when this chunk
         starts inside the image (image_rope_positions); positions stay 1D for the mask and the cache.
+        doc (B, L): packed rows (packing.py), the sample of each position; attention stays inside it.
 
         With a kv_cache the queries attend to its prefix and themselves; commit=False is
-        the frozen-prefix use (the pixel block at each ODE step). Returns the final
-        hidden (B, L, D), or (final, after layers[return_layer]).
+        the frozen-prefix use (the pixel block at each ODE step). Without one, attention="flex"
+        (set_attention) runs FlexAttention on a BlockMask instead of SDPA on a dense mask.
+        Returns the final hidden (B, L, D), or (final, after layers[return_layer]).
         """
-        if kv_cache is None:
-            mask = attention_mask(kind, positions)
-        else:
+        if kv_cache is not None:
+            if doc is not None:
+                raise ValueError("a KVCache holds unpacked rows: doc must be None")
             mask = attention_mask(kind, positions, *kv_cache.keys_meta(kind, positions))
-        rope = image_rope_positions(kind, positions, self.cfg, image_start) if self.cfg.image_rope == "2d" else positions
+        elif self.attention == "flex":
+            mask = block_mask(kind, positions, doc)
+        else:
+            mask = attention_mask(kind, positions, doc=doc)
+        if self.cfg.image_rope != "2d":
+            rope = positions
+        elif doc is not None:
+            rope = packing.rope_positions(kind, positions, doc, self.cfg)
+        else:
+            rope = image_rope_positions(kind, positions, self.cfg, image_start)
         out = self.backbone(h, self.expert_ids(kind), mask, rope, kv_cache, return_layer)
         if kv_cache is not None and commit:
             kv_cache.commit(kind, positions)
@@ -297,7 +324,10 @@ class RFModel(nn.Module):
     @torch.no_grad()
     def cont_targets(self, images: torch.Tensor) -> torch.Tensor:
         """pixel_cont targets (B, M, De): pooled target features, L2-normalized and scaled to unit RMS per channel."""
-        y = pool2x2(self.target_features(images), self.cfg.rep_pool).float()
+        return self._cont(self.target_features(images))
+
+    def _cont(self, feats: torch.Tensor) -> torch.Tensor:  # (B, E, De) target features -> (B, M, De) cont targets
+        y = pool2x2(feats, self.cfg.rep_pool).float()
         return F.normalize(y, dim=-1) * math.sqrt(y.shape[-1])
 
     @torch.no_grad()
@@ -307,13 +337,39 @@ class RFModel(nn.Module):
         if hasattr(self, "ema_encoder") and decay < 1:  # 1.0: frozen targets, nothing to do
             ema_update(self.ema_encoder, self.encoder, decay)
 
+    @torch.no_grad()
+    def group_features(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """target_features of images of several sizes (one (n, C, s, s) tensor per size): the feature
+        centre takes one statistic over all of them, as over one batch."""
+        if len(images) == 1:
+            return [self.target_features(images[0])]
+        feats = [self.ema_features(x) for x in images]  # (n, E_s, De) each
+        if not hasattr(self, "feat_center"):
+            return feats
+        flat = self.feat_center(torch.cat([f.reshape(-1, f.shape[-1]) for f in feats]))  # (sum n E_s, De)
+        return [c.view(f.shape) for c, f in zip(flat.split([f.shape[0] * f.shape[1] for f in feats]), feats)]
+
+    @torch.no_grad()
+    def group_rep_targets(self, images: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
+        """rep_targets of images of several sizes: ids (n, M_s) per size, balanced and counted as one batch."""
+        if len(images) == 1:
+            ids, stats = self.rep_targets(images[0])
+            return [ids], stats
+        pooled = [pool2x2(f, self.cfg.rep_pool) for f in self.group_features(images)]  # (n, M_s, De) each
+        ids, stats = self.quantizer(torch.cat([p.reshape(-1, p.shape[-1]) for p in pooled]))  # (sum n M_s,)
+        ids = ids.split([p.shape[0] * p.shape[1] for p in pooled])
+        return [i.view(p.shape[:2]) for i, p in zip(ids, pooled)], stats
+
     # ------------------------------------------------------------ training forward
 
     def build_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        """Input embeddings (B, L, D) of a batch (contract: sequence.py) and what the losses need.
+        """Input embeddings (B, L, D) of a batch (contract: sequence.py, packed rows: packing.py) and
+        what the losses need.
 
         Draws the flow noise and times of the generation samples and, for the rep
         variants, computes the rep targets (moving the prototypes in training mode).
+        With images of several sizes (packed batch["image_side"]) the encoder, the noise and
+        the gen and rep inputs run per size (one `_Gen` group each), filled back in sample order.
         """
         cfg = self.cfg
         kind, is_gen = batch["kind"], batch["is_gen"]
@@ -323,33 +379,46 @@ class RFModel(nn.Module):
             positions = torch.arange(L, device=kind.device).expand(B, L)
         if is_gen.any() and not cfg.has_gen:
             raise ValueError("the vlm variant trains on understanding samples only; the batch has generation samples")
-        aux: dict = {"positions": positions, "stats": {}}
+        side = batch.get("image_side")  # (S,) each sample's image side; None: all at full size
+        doc = batch.get("doc")  # packed rows: the sample of each position
+        if doc is None and side is not None:  # unpacked rows of smaller images: each row its own document
+            doc = torch.where(kind != PAD, torch.arange(B, device=kind.device)[:, None], -1)  # (B, L)
+        aux: dict = {"positions": positions, "doc": doc, "stats": {}, "groups": []}
 
         h = self.embed_text(batch["tokens"])  # (B, L, D); slots of other kinds are overwritten below
         und = ~is_gen
-        run_enc = bool(und.any()) or self.uniform
-        h = _fill(h, kind == ENC, self.embed_image(batch["images"][und]) if run_enc else None, "ENC")  # (U, E, D)
-        gen_x = batch.get("gen_x", batch["images"])[is_gen]  # (G, C, Hg, Wg)
-        G = aux["G"] = gen_x.shape[0]
+        enc = None
+        if bool(und.any()) or self.uniform:
+            enc = packing.by_sample([(i, self.embed_image(packing.crop(batch["images"][i], s)))
+                                     for i, s in packing.size_groups(side, und)])  # (U, E, D)
+        h = _fill(h, kind == ENC, enc, "ENC")
+        gen_x = batch.get("gen_x", batch["images"])
+        G = aux["G"] = int(is_gen.sum())
         rep_inputs = None
         if G or (self.uniform and cfg.has_gen):
-            x = gen_x.float() if G else gen_x.new_zeros(0, cfg.gen_channels, cfg.gen_size, cfg.gen_size).float()
-            if "noise_seed" in batch:  # per-sample noise and time: the same whatever the batch split across ranks
-                e, t = _sample_noise(batch["noise_seed"][is_gen], x, cfg)
-            else:
-                e = torch.randn_like(gen_x, dtype=torch.float32)
-                t = flow.sample_t(G, cfg.t_mean, cfg.t_std, device=x.device)  # (G,)
-            h = _fill(h, kind == GEN, self.embed_gen(flow.interpolate(x, e, t), t), "GEN")  # (G, N, D)
-            drop = batch["drop_rep"][is_gen]  # (G,)
-            aux.update(x=x, e=e, t=t, drop=drop)
-            if cfg.needs_ema_encoder:
-                aux["images"] = batch["images"][is_gen]
-            if cfg.rep_ids:
-                aux["ids"], aux["stats"] = self.rep_targets(aux["images"])  # (G, M)
-                rep_inputs = self.embed_rep(aux["ids"], drop=drop)  # (G, M, D)
-            elif cfg.variant == "pixel_cont":
-                aux["y"] = self.cont_targets(aux["images"])  # (G, M, De)
-                rep_inputs = self.embed_rep(aux["y"].to(h.dtype), drop=drop)  # (G, M, D)
+            groups = aux["groups"]
+            for i, s in packing.size_groups(side, is_gen):
+                x = packing.crop(gen_x[i], s).float() if len(i) else \
+                    gen_x.new_zeros(0, cfg.gen_channels, cfg.gen_size, cfg.gen_size).float()  # (n, C, Hg, Wg)
+                if "noise_seed" in batch:  # per-sample noise and time: the same whatever the batch split across ranks
+                    e, t = _sample_noise(batch["noise_seed"][i], x, cfg)
+                else:
+                    e = torch.randn_like(x)
+                    t = flow.sample_t(len(i), cfg.t_mean, cfg.t_std, device=x.device)  # (n,)
+                images = packing.crop(batch["images"][i], s) if cfg.needs_ema_encoder else None
+                groups.append(_Gen(i, s, (x.shape[-1] // cfg.gen_patch) ** 2, x, e, t, batch["drop_rep"][i], images))
+            h = _fill(h, kind == GEN, packing.by_sample(
+                [(g.idx, self.embed_gen(flow.interpolate(g.x, g.e, g.t), g.t)) for g in groups]), "GEN")  # (G, N, D)
+            if cfg.rep_slots:
+                if cfg.rep_ids:
+                    values, aux["stats"] = self.group_rep_targets([g.images for g in groups])  # (n, M_s) each
+                else:  # pixel_cont: continuous targets (cont_targets)
+                    values = [self._cont(f) for f in self.group_features([g.images for g in groups])]  # (n, M_s, De)
+                rep_inputs = packing.by_sample([(g.idx, self.embed_rep(
+                    v if cfg.rep_ids else v.to(h.dtype), drop=g.drop, cells=math.isqrt(v.shape[1])))
+                    for g, v in zip(groups, values)])  # (G, M, D)
+                # the targets of the rep samples that are not dropped, in sample then cell order
+                aux["rep_target"] = packing.by_sample([(g.idx[~g.drop], v[~g.drop]) for g, v in zip(groups, values)])
         else:
             _fill(h, kind == GEN, None, "GEN")  # checks there are none
         h = _fill(h, kind == REP, rep_inputs, "REP")
@@ -361,10 +430,10 @@ class RFModel(nn.Module):
         cfg = self.cfg
         kind, text_targets, is_gen = batch["kind"], batch["text_targets"], batch["is_gen"]
         h, aux = self.build_inputs(batch)
-        G = aux["G"]
+        G, groups, doc = aux["G"], aux["groups"], aux["doc"]
         out: dict[str, torch.Tensor] = dict(aux["stats"])
         repa = cfg.variant == "pixel_repa"
-        hidden = self.forward_hidden(h, kind, aux["positions"], return_layer=cfg.repa_layer if repa else None)
+        hidden = self.forward_hidden(h, kind, aux["positions"], return_layer=cfg.repa_layer if repa else None, doc=doc)
         if repa:
             hidden, mid = hidden
         zero = hidden.new_zeros(())  # a term with no carrier in this batch
@@ -385,31 +454,33 @@ class RFModel(nn.Module):
             out["loss_lm"] = F.cross_entropy(logits.float(), text_targets[sel]) if sel.any() else zero
         else:
             out["loss_lm"] = mean(F.cross_entropy(logits.float(), text_targets[sel], reduction="sum"), 0, "lm")
+        sizes = [(g.idx, g.n) for g in groups]  # gen tokens per sample of each size group
         if cfg.has_gen:
             out["loss_fm"] = zero
             if G or self.uniform:
-                x_pred = self.gen_head(hidden[kind == GEN])  # (G*N, P)
-                xp = patchify(aux["x"], cfg.gen_patch)  # (G, N, P)
-                ep = patchify(aux["e"], cfg.gen_patch)  # (G, N, P)
-                if not G:
-                    fm_mean = 0 * x_pred.sum()
-                elif cfg.loss_t_eps:
-                    fm_mean = flow.fm_loss_capped(x_pred.view_as(xp), xp, aux["t"], cfg.loss_t_eps)
-                else:
-                    fm_mean = flow.fm_loss(x_pred.view_as(xp), xp, ep, aux["t"], cfg.t_eps)
+                x_pred = self.gen_head(hidden[kind == GEN])  # (G*N, P), samples in order
+                fm = []  # per size group: the mean over its samples of their mean over values
+                for g, pred in zip(groups, packing.split_by_sample(x_pred, sizes)):
+                    xp = patchify(g.x, cfg.gen_patch)  # (n, N, P)
+                    ep = patchify(g.e, cfg.gen_patch)  # (n, N, P)
+                    if not G:
+                        fm.append(0 * x_pred.sum())
+                    elif cfg.loss_t_eps:
+                        fm.append(flow.fm_loss_capped(pred.view_as(xp), xp, g.t, cfg.loss_t_eps))
+                    else:
+                        fm.append(flow.fm_loss(pred.view_as(xp), xp, ep, g.t, cfg.t_eps))
+                fm_mean = fm[0] if len(fm) == 1 else sum(f * len(g.idx) for f, g in zip(fm, groups)) / G
                 out["loss_fm"] = fm_mean if norm["gen"] is None else mean(fm_mean * G, G, "gen")
         if cfg.rep_slots:
             # the position just before each rep slot predicts it (BOI for the first); not in rep-dropped samples
             before = torch.zeros_like(kind, dtype=torch.bool)
             before[:, :-1] = kind[:, 1:] == REP
-            keep = torch.zeros_like(is_gen)
-            if G:
-                keep[is_gen] = ~aux["drop"]
-            cond = hidden[before & keep[:, None]]  # (n, D), n = kept samples * M, sample then cell order
+            keep = is_gen & ~batch["drop_rep"]  # (S,)
+            cond = hidden[before & packing.at_positions(keep, doc)]  # (n, D), n = kept samples * M: sample, cell order
         if cfg.rep_ids:
             out["loss_rep"] = zero
             if cond.shape[0] or self.uniform:
-                target = aux["ids"][~aux["drop"]].reshape(-1) if G else aux["ids"].new_zeros(0)  # (n,)
+                target = aux["rep_target"].reshape(-1)  # (n,)
                 rep_logits = self.rep_logits(cond).float()  # (n, K)
                 out["loss_rep"] = mean(F.cross_entropy(rep_logits, target, reduction="sum"), cond.shape[0], "rep")
                 if cond.shape[0]:
@@ -417,7 +488,7 @@ class RFModel(nn.Module):
         if cfg.variant == "pixel_cont":
             out["loss_cont"] = zero
             if cond.shape[0] or self.uniform:
-                y = aux["y"][~aux["drop"]].reshape(-1, aux["y"].shape[-1])  # (n, De)
+                y = aux["rep_target"].reshape(-1, cfg.enc_dim)  # (n, De)
                 e = torch.randn_like(y)
                 t = flow.sample_t(y.shape[0], cfg.t_mean, cfg.t_std, device=y.device)  # one t per token
                 y_pred = self.cont_pred(flow.interpolate(y, e, t), t, cond)
@@ -427,24 +498,43 @@ class RFModel(nn.Module):
         if repa:
             out["loss_repa"] = zero
             if G or self.uniform:
-                target = self.target_features(aux["images"])  # (G, E, De), before the final norm like the rep targets
-                g = cfg.gen_size // cfg.gen_patch
-                if target.shape[1] != g * g:  # align the encoder grid to the gen grid
-                    side = math.isqrt(target.shape[1])
-                    grid = target.transpose(1, 2).reshape(G, -1, side, side)  # (G, De, s, s)
-                    target = F.adaptive_avg_pool2d(grid, g).flatten(2).transpose(1, 2)  # (G, N, De)
-                pred = self.repa_proj(mid[kind == GEN])  # (G*N, De)
-                cos = F.cosine_similarity(pred.float(), target.reshape(-1, target.shape[-1]).float(), dim=-1)
-                if norm["gen"] is None:
-                    out["loss_repa"] = -cos.mean() if G else 0 * pred.sum()
-                else:  # a mean over samples of their mean over the N gen tokens
-                    out["loss_repa"] = mean(-cos.sum() / max(1, cfg.n_gen), G, "gen")
+                neg_cos = []  # per size group: minus the cosines (n * N,)
+                feats = self.group_features([g.images for g in groups])  # (n, E, De) each, before the final norm
+                for g, target, m in zip(groups, feats, packing.split_by_sample(mid[kind == GEN], sizes)):
+                    side = math.isqrt(g.n)
+                    if target.shape[1] != g.n:  # align the encoder grid to the gen grid
+                        enc_side = math.isqrt(target.shape[1])
+                        grid = target.transpose(1, 2).reshape(len(g.idx), -1, enc_side, enc_side)  # (n, De, s, s)
+                        target = F.adaptive_avg_pool2d(grid, side).flatten(2).transpose(1, 2)  # (n, N, De)
+                    pred = self.repa_proj(m.reshape(-1, m.shape[-1]))  # (n*N, De)
+                    target = target.reshape(-1, target.shape[-1])  # (n*N, De)
+                    neg_cos.append(-F.cosine_similarity(pred.float(), target.float(), dim=-1))
+                if norm["gen"] is not None:  # a mean over samples of their mean over their gen tokens
+                    out["loss_repa"] = mean(sum(c.sum() / max(1, g.n) for c, g in zip(neg_cos, groups)), G, "gen")
+                elif len(groups) == 1:
+                    out["loss_repa"] = neg_cos[0].mean() if G else 0 * pred.sum()
+                else:
+                    out["loss_repa"] = sum(c.mean() * len(g.idx) for c, g in zip(neg_cos, groups)) / G
 
         terms = [out[k] for k in ("loss_lm", "loss_rep", "loss_fm", "loss_cont") if k in out]
         if repa:
             terms.append(cfg.repa_weight * out["loss_repa"])
         out["loss"] = sum(terms)
         return out
+
+
+@dataclass
+class _Gen:
+    """The generation samples of one image size in a batch (all of them in an unpacked batch)."""
+
+    idx: torch.Tensor  # (n,) their indices among the batch's samples, increasing
+    side: int | None  # image side in pixels; None: the full size
+    n: int  # gen tokens per sample
+    x: torch.Tensor  # (n, C, Hg, Wg) clean gen_x, fp32
+    e: torch.Tensor  # (n, C, Hg, Wg) flow noise
+    t: torch.Tensor  # (n,) flow times
+    drop: torch.Tensor  # (n,) rep sequence dropped
+    images: torch.Tensor | None  # (n, C, H, W) images for the EMA encoder's targets
 
 
 def _sample_noise(seeds: torch.Tensor, x: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,8 @@ import torch
 from .sequence import GEN, REP
 
 
-def image_rope_positions(kind: torch.Tensor, positions: torch.Tensor, cfg, start: torch.Tensor | None = None):
+def image_rope_positions(kind: torch.Tensor, positions: torch.Tensor, cfg, start: torch.Tensor | None = None,
+                         grid: tuple | None = None):
     """Multimodal RoPE positions (B, L, 3) float for model.image_rope="2d".
 
     Every slot but the rep and gen slots keeps its 1D position p as (p, p, p), which is 1D RoPE
@@ -23,10 +24,15 @@ def image_rope_positions(kind: torch.Tensor, positions: torch.Tensor, cfg, start
     The layout is [M rep slots][N gen slots] with consecutive positions, so a slot's index is
     its position minus start (minus M for gen slots). start (B,) or (B, 1): given by a caller
     whose chunk begins inside the image (a cached rep step); else the chunk's first rep
-    position, or its first gen position minus M."""
-    m = cfg.n_rep if cfg.rep_slots else 0
-    side = cfg.gen_size // cfg.gen_patch
-    cells = math.isqrt(cfg.n_rep) if m else 1
+    position, or its first gen position minus M. Packed rows (packing.rope_positions) give
+    start (B, L) and grid = (gen grid side, rep cells per side, M), each (B, L): per position,
+    from the sample it belongs to."""
+    if grid is None:
+        m = cfg.n_rep if cfg.rep_slots else 0
+        side = cfg.gen_size // cfg.gen_patch
+        cells = math.isqrt(cfg.n_rep) if m else 1
+    else:
+        side, cells, m = grid
     p = positions.float()
     out = p[..., None].expand(*p.shape, 3).clone()
     is_rep, is_gen = kind == REP, kind == GEN
@@ -37,7 +43,7 @@ def image_rope_positions(kind: torch.Tensor, positions: torch.Tensor, cfg, start
         first_rep = torch.where(is_rep, p, big).min(dim=1).values
         first_gen = torch.where(is_gen, p, big).min(dim=1).values - m
         start = torch.where(torch.isfinite(first_rep), first_rep, first_gen)
-    start = start.float().reshape(-1, 1).expand_as(p)  # (B, L)
+    start = start.float() if start.shape == p.shape else start.float().reshape(-1, 1).expand_as(p)  # (B, L)
     idx = p - start - is_gen.float() * m  # slot index inside its block
     gen_r, gen_c = torch.div(idx, side, rounding_mode="floor"), torch.remainder(idx, side)
     scale = side / cells
@@ -66,3 +72,12 @@ def grid_sincos(dim: int, side: int, cells: int, scale: float = 0.1) -> torch.Te
     emb = torch.cat(parts, dim=1)
     emb = torch.cat([emb, emb.new_zeros(emb.shape[0], dim - emb.shape[1])], dim=1)  # dim not a multiple of 4
     return (emb * scale / emb.pow(2).mean().sqrt()).float()
+
+
+def crop_grid(table: torch.Tensor, side: int) -> torch.Tensor:
+    """The rows of a square raster-order table (n * n, D) that cover the top-left side x side of its grid
+    (NaViT's absolute positions: a smaller image takes the full size's first rows and columns)."""
+    full = math.isqrt(table.shape[0])
+    if side == full:
+        return table
+    return table.view(full, full, -1)[:side, :side].reshape(side * side, -1)  # (side^2, D)

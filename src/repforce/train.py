@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import checkpoint, pretrained, runtime
+from . import checkpoint, packing, pretrained, runtime
 from .config import Config, DataConfig, validate
 from .data import build_world_tokenizer, local_batch, make_stream, sample_at
 from .model import RFModel
@@ -210,6 +210,8 @@ def build_model(cfg: Config, device: torch.device, init_fn=None, fresh: bool = T
     if init_fn is not None:
         report = init_fn(model)
     copy_weights_(ema, model)
+    for m in (model, ema):
+        m.set_attention(t.attention)  # full forwards: SDPA on a dense mask or FlexAttention (attention.py)
     return model, ema, report
 
 
@@ -296,6 +298,8 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, minutes: float 
     if t.threads:
         torch.set_num_threads(t.threads)
     dev = rt.device
+    if t.attention == "flex" and dev.type != "cuda":  # train.device=auto that found no GPU
+        raise RunError(f"train.attention=flex trains on CUDA (FlexAttention has no CPU backward); this run is on {dev}")
     torch.manual_seed(t.seed)
     init = (lambda m: init_weights_from(m, t.init)) if t.init and not resume else None
     model, ema, init_report = build_model(cfg, dev, init, fresh=not resume)  # sharded when world > 1
@@ -312,8 +316,10 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, minutes: float 
     stream = make_stream(cfg, tok, Layout.for_model(cfg.model))  # the worlds, or real data (data.world=mix)
     vae = VAEEncoder(t.vae, dev) if cfg.model.variant.startswith("vae") else None
 
-    def next_batch(step):
-        batch = local_batch(stream, step, t.batch_size, t.seed, dev)  # this rank's share
+    pack = packing.packer(cfg) if t.tokens_per_rank else None  # rows of tokens_per_rank, several samples each
+
+    def next_batch(step, pack=pack):
+        batch = local_batch(stream, step, t.batch_size, t.seed, dev, pack)  # this rank's share
         if vae is not None and batch["is_gen"].any():
             batch["gen_x"] = vae(batch["images"])
         return batch
@@ -327,7 +333,8 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, minutes: float 
     log.write(json.dumps({"precision": precision, "why": why, "from_step": step}) + "\n")
     # a codebook that came with --init (a later stage) is kept: its ids are what the rep table learned
     if step == 0 and cfg.model.rep_init == "kmeans" and hasattr(model, "quantizer") and not model.quantizer.seeded:
-        fitted = fit_quantizer(model, [next_batch(KMEANS_STEP + i) for i in range(KMEANS_BATCHES)], cfg.model.rep_pool)
+        batches = [next_batch(KMEANS_STEP + i, pack=None) for i in range(KMEANS_BATCHES)]  # full-size images
+        fitted = fit_quantizer(model, batches, cfg.model.rep_pool)
         copy_weights_(ema, model)  # step 0: the EMA is the model, now with the fitted codebook
         log.write(json.dumps({"kmeans": fitted}) + "\n")
     if rt.is_main and progress:
