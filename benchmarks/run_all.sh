@@ -24,6 +24,7 @@ declare -A CMD=(
   [peer_transfusion]="$PY benchmarks/peer_transfusion.py --steps 10 --rounds 3"
   [scaling]="$PY benchmarks/scaling.py"
   [moe_grouped]="$PY benchmarks/moe_grouped.py"
+  [attention_memory]="$PY benchmarks/attention_memory.py --lengths 8192 32768"
   [faults]="$PY benchmarks/faults.py --trials 50"
   [serve_batching]="$PY benchmarks/serve_batching.py --ckpt shapes --requests 32 --n 4"
   [quantizer_stability]="$PY benchmarks/quantizer_stability.py --vlm $VLM"
@@ -38,7 +39,7 @@ declare -A CMD=(
   [fashion_oracle_cont]="$PY benchmarks/fashion_oracle.py --runs $FSTUDY/pixel_cont_s0"
 )
 names=("$@")
-[ ${#names[@]} -eq 0 ] && names=(train_throughput sampling peer_transfusion scaling moe_grouped quantizer_stability)
+[ ${#names[@]} -eq 0 ] && names=(train_throughput sampling peer_transfusion scaling moe_grouped attention_memory quantizer_stability)
 for n in "${names[@]}"; do
   [ -n "${CMD[$n]:-}" ] || { echo "unknown benchmark: $n (one of ${!CMD[*]})" >&2; exit 2; }
   echo "== $n: ${CMD[$n]}" >&2

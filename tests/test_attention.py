@@ -63,7 +63,9 @@ def test_block_mask_materializes_to_the_dense_mask():
 @pytest.mark.parametrize("variant,fields", [("pixel_rf", {}), ("pixel_rf", {"image_rope": "2d"}), ("pixel_repa", {})])
 def test_flex_forward_equals_sdpa(variant, fields, monkeypatch):
     """Same model, same packed batch of several sizes (and an unpacked one): FlexAttention on the BlockMask
-    (16-position blocks, so empty, full and partial blocks all occur) gives SDPA's hidden states and losses."""
+    (16-position blocks, so empty, full and partial blocks all occur) gives SDPA's hidden states and losses.
+    The eager CPU form applies the mask_mod at every pair and does not skip blocks: the block tables are
+    checked above, and by benchmarks/attention_memory.py through the compiled (block-skipping) kernel."""
     monkeypatch.setattr(attention, "BLOCK", 16)
     torch.manual_seed(0)
     model = RFModel(tiny_model(variant, image_size=32, gen_size=32, **fields)).eval()
