@@ -2,8 +2,8 @@
 scores multiple choice with.
 
 The wrapper is built on a stand-in for lmms-eval's base class and registry (the package is heavy
-and not in the test extras); where lmms-eval is installed, its own evaluator also runs the
-wrapper on a tiny local task (skipped otherwise).
+and not in the test extras: installing it pulls a CUDA torch). lmms-eval's own evaluator on a tiny
+local task is benchmarks/lmms_local.py, run where lmms-eval is installed.
 """
 
 import abc
@@ -130,40 +130,3 @@ def test_requests_without_an_image_are_refused(model):
         model.loglikelihood([Req(("", "red"))])
     with pytest.raises(E.InferenceError, match="empty answer"):
         model.engine.answer_logprob([None], ["q"], [""])
-
-
-def test_lmms_evals_own_evaluator_runs_it(tmp_path, docs, monkeypatch):
-    """lmms-eval's simple_evaluate on a three-document local task (only where lmms-eval is installed)."""
-    pytest.importorskip("lmms_eval.evaluator")
-    from lmms_eval.evaluator import simple_evaluate
-    from lmms_eval.tasks import TaskManager
-
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    rows = []
-    for i, d in enumerate(docs[:3]):
-        d["image"].save(tmp_path / f"{i}.png")
-        rows.append({"image": str(tmp_path / f"{i}.png"), "question": d["question"], "answer": d["answer"]})
-    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "shapes_utils.py").write_text(
-        "from PIL import Image\n\ndef doc_to_visual(doc):\n    return [Image.open(doc['image']).convert('RGB')]\n")
-    (tmp_path / "shapes_vqa.yaml").write_text(f"""task: shapes_vqa_local
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {tmp_path / 'data.jsonl'}
-test_split: test
-output_type: generate_until
-doc_to_visual: !function shapes_utils.doc_to_visual
-doc_to_text: "{{{{question}}}}"
-doc_to_target: answer
-generation_kwargs:
-  max_new_tokens: 8
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-""")
-    res = simple_evaluate(model=lmms.Repforce(pretrained="shapes", batch_size=3), tasks=["shapes_vqa_local"],
-                          task_manager=TaskManager(include_path=str(tmp_path)), log_samples=False)
-    assert res["results"]["shapes_vqa_local"]["exact_match,none"] >= 2 / 3
