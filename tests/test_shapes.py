@@ -154,12 +154,12 @@ def test_hard_negatives_ask_about_confusable_pairs_and_stay_true():
     for seed in range(200):
         scene = world.sample_scene(world.scene_seed("train", seed))
         present = {(o.color, o.shape) for o in scene.objects}
-        shapes_ = {s for _, s in present}
+        colors, shapes_ = {c for c, _ in present}, {s for _, s in present}
         qa, hard = world.questions(scene), world.train_questions(scene, rng, 1.0)
         assert world.train_questions(scene, rng, 0.0) == qa  # off: exactly the held-out questions
         assert len(hard) == len(qa) and [a for _, a in hard] == [a for _, a in qa]  # same kinds, same yes/no balance
         pool = world.confusable(scene)
-        assert all(s in shapes_ and (c, s) not in present for c, s in pool)
+        assert all((s in shapes_ or c in colors) and (c, s) not in present for c, s in pool)
         for (q0, a), (q1, _) in zip(qa, hard):
             if q0 != q1:  # only "no" existence questions change, to an absent pair of present attributes
                 assert a == "no" and q1.startswith("is there") and q1 not in {q for q, _ in qa}

@@ -174,7 +174,7 @@ class DataConfig:
     drop_rep: float = 0.1  # probability of a dropped rep sequence (guidance)
     drop_both: float = 0.0  # probability of dropping both together on top (the pixel-guidance branch; sequence.guidance_drops)
     hard_negatives: float = 0.0  # shapes, training only: share of "is there a <color> <shape>?" "no" questions asked of a
-    # confusable pair (its shape in the scene, its color not on that shape; shapes.confusable, shapes.train_questions)
+    # confusable pair (absent, its shape or its color in the scene; shapes.confusable, shapes.train_questions)
     seed: int = 0  # data seed: which slice of the train stream a run sees
 
 
