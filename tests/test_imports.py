@@ -17,9 +17,10 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "repforce"
 # Lowest first. A module may import from lower layers, and from its own layer only inside its own
 # subpackage (worlds.shapeseval -> worlds.shapes). "worlds.*" names every module of the subpackage.
 LAYERS = [
-    ["flow", "runtime", "backbone", "encoder", "tokenizer"],  # leaves: math, the process, the networks, text
-    ["quantizer", "sequence"],
-    ["config", "pretrained", "vae", "positions"],
+    ["flow", "runtime", "tokenizer", "sequence"],  # leaves: math, the process, text, the sequence layout
+    ["quantizer", "positions", "attention"],  # attention: the mask rule, dense or as FlexAttention blocks
+    ["backbone", "encoder", "packing"],  # the networks; packed rows
+    ["config", "pretrained", "vae"],
     ["model", "checkpoint", "parallelize", "datasources", "worlds.*"],
     ["presets", "engine", "data"],
     ["train", "service", "exports", "lmms"],  # exports, lmms: benchmark formats over the engine

@@ -30,7 +30,10 @@ Axes: B rows, L positions, n = L / BLOCK blocks, H heads, Dh head dim.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .sequence import ENC, GEN, PAD
 
@@ -88,8 +91,6 @@ def _kv_lists(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def block_mask(kind: torch.Tensor, pos: torch.Tensor, doc: torch.Tensor | None = None, block: int | None = None):
     """The FlexAttention BlockMask of `may_attend` over rows (B, L) of kinds, positions and documents."""
-    from torch.nn.attention.flex_attention import BlockMask
-
     B, L = kind.shape
     block = block or BLOCK
     partial, full = block_tables(kind, pos, doc, block)
@@ -112,14 +113,10 @@ def flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, gqa: bo
     """FlexAttention of q (B, H, L, Dh) over k, v (B, Hk, L, Dh) under a BlockMask: fused and compiled
     on CUDA, the eager reference elsewhere (forward only on CPU)."""
     global _compiled
-    from torch.nn.attention.flex_attention import flex_attention
-
     if q.is_cuda:
         if _compiled is None:
             _compiled = torch.compile(flex_attention, dynamic=False)
         return _compiled(q, k, v, block_mask=mask, enable_gqa=gqa)
-    import warnings
-
     with warnings.catch_warnings():  # "called without torch.compile": expected here, the CPU path is a reference
         warnings.simplefilter("ignore", UserWarning)
         return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
