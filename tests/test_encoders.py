@@ -67,9 +67,13 @@ def test_the_shapes_model_starts_from_it_and_a_wrong_shape_is_named():
         pretrained.load_world_encoder(model, "shapes_encoder", world="fashion")
 
 
-def test_the_shapes_preset_is_recipe_v4_and_v1_to_v3_stay_as_recorded():
-    v4, v4vlm = preset("shapes", "pixel_rf"), preset("shapes", "vlm")
+def test_the_shapes_preset_is_recipe_v5_and_v1_to_v4_stay_as_recorded():
+    v5, v5vlm = preset("shapes", "pixel_rf"), preset("shapes", "vlm")
+    assert v5.recipe == "shapes-v5" and C.Config.from_json(v5.to_json()).recipe == "shapes-v5"
+    assert (v5.data.hard_negatives, v5vlm.data.hard_negatives) == (1.0, 1.0)  # v5: confusable "is there" negatives
+    v4, v4vlm = preset("shapes_v4", "pixel_rf"), preset("shapes_v4", "vlm")
     assert v4.recipe == "shapes-v4" and C.Config.from_json(v4.to_json()).recipe == "shapes-v4"
+    assert v5.model == v4.model and v5.train == v4.train and v5.optim == v4.optim and v4.data.hard_negatives == 0.0
     assert (v4.data.gen_fraction, v4vlm.data.gen_fraction) == (0.8, 0.0)  # v4: 80% generation in the pixel stage
     v3, v2, v1 = preset("shapes_v3", "pixel_rf"), preset("shapes_v2", "vlm"), preset("shapes_v1", "vlm")
     assert v4.model == v3.model and v4.train == v3.train and v4.optim == v3.optim and v3.data.gen_fraction == 0.5

@@ -15,7 +15,7 @@ from repforce.worlds import shapes, shapeseval
 MB = 1024 * 1024
 
 
-@pytest.mark.parametrize("name,recipe", [("shapes_vlm", "shapes-v2"), ("shapes", "shapes-v4")])
+@pytest.mark.parametrize("name,recipe", [("shapes_vlm", "shapes-v5"), ("shapes", "shapes-v4")])
 def test_shipped_model_is_whole_small_and_loads_by_name(name, recipe):
     assert name in checkpoint.shipped()
     d = checkpoint.resolve(name)
@@ -35,6 +35,26 @@ def test_shipped_vlm_reads_color_and_counts():
     questions = [f"what color is the {s.objects[0].shape}?" for s in scenes]
     answers = eng.answer([shapes.render(s) for s in scenes], questions, max_new_tokens=4)
     assert answers == ["red", "blue", "green", "yellow"]
+
+
+def test_shipped_vlm_checks_color_and_shape_together():
+    """"is there a <color> <shape>?" of one object: yes for itself, no for its shape in another color
+    (what the shapes-v2 vlm got wrong every time: it checked the shape only) or its color on another shape."""
+    eng = E.load("shapes_vlm", precision="fp32")
+    rng = np.random.default_rng(1)
+    images, questions, truth = [], [], []
+    for shape, color in [("circle", "red"), ("square", "blue"), ("triangle", "green"), ("circle", "yellow")]:
+        img = shapes.render(shapes.make_scene(rng, [{"shape": shape, "color": color}], 32, 7))
+        others = [c for c in shapes.COLORS if c != color][:3]
+        asked = [(color, shape, "yes")] + [(c, shape, "no") for c in others] + \
+                [(color, s, "no") for s in shapes.SHAPES if s != shape]
+        for c, s, a in asked:
+            images.append(img)
+            questions.append(f"is there a {c} {s}?")
+            truth.append(a)
+    answers = eng.answer(images, questions, max_new_tokens=3)
+    right = [a == t for a, t in zip(answers, truth)]
+    assert sum(right) >= len(right) - 1, list(zip(questions, answers, truth))  # 24 questions, at most one wrong
 
 
 
