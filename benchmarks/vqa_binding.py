@@ -7,7 +7,9 @@ On a one-object scene there is nothing to bind wrongly, so the four groups separ
 checks: `positive` (the object itself: "yes"), `same shape` (its shape in another color: "no"),
 `same color` (its color on another shape: "no"), `neither` ("no"). A model that checks the shape
 only scores 1, 0, 1, 1; one that checks both scores 1, 1, 1, 1. Greedy answers, exact match. One JSON
-line per checkpoint, appended.
+line per checkpoint, appended. --relations adds a line per checkpoint for the relation questions ("what
+shape is left of the <color> <shape>?") of the first 600 held-out VQA items: accuracy by relation and
+object count, and what a wrong answer names (the reference's own shape, another object's, or one absent).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections import defaultdict
 import torch
 
 from repforce.engine import load
-from repforce.worlds import shapes
+from repforce.worlds import metrics, shapes
 
 
 def groups(n_scenes: int) -> list[tuple[object, str, str, str]]:
@@ -39,12 +41,31 @@ def groups(n_scenes: int) -> list[tuple[object, str, str, str]]:
     return rows
 
 
+def relations(eng, ckpt: str, n: int = 600) -> dict:
+    """Relation questions among the first n held-out VQA items: accuracy by "<relation>, <objects>" and
+    the kinds of wrong answers."""
+    items = [it for it in metrics.heldout_vqa(n, 32) if it[1].startswith("what shape is")]
+    preds = eng.answer([shapes.render(sc) for sc, _, _ in items], [q for _, q, _ in items], max_new_tokens=4)
+    hits, wrong = defaultdict(list), defaultdict(int)
+    for (scene, q, a), p in zip(items, preds):
+        rel, ref = q.removeprefix("what shape is ").removesuffix("?").split(" the ")
+        hits[f"{rel}, {len(scene.objects)} objects"].append(p.strip() == a)
+        if p.strip() != a:
+            kind = ("the reference's shape" if p.strip() == ref.split()[-1] else
+                    "another object's shape" if p.strip() in {o.shape for o in scene.objects} else "absent")
+            wrong[kind] += 1
+    return {"bench": "vqa_relations", "ckpt": ckpt, "questions": len(items),
+            "accuracy": round(sum(sum(v) for v in hits.values()) / len(items), 3),
+            "by": {k: [len(v), round(sum(v) / len(v), 3)] for k, v in sorted(hits.items())}, "wrong": dict(wrong)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ckpt", nargs="+", required=True, help="shipped model names, run folders or checkpoints")
     ap.add_argument("--scenes", type=int, default=400, help="held-out scenes to draw the one-object ones from")
     ap.add_argument("--out", default="")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--relations", action="store_true", help="also the relation questions, by relation and object count")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -63,10 +84,12 @@ def main() -> None:
                 hits[group].append(p.strip() == answer)
         line = {"bench": "vqa_binding", "ckpt": str(ckpt), "questions": len(rows),
                 **{g: round(sum(v) / len(v), 3) for g, v in sorted(hits.items())}}
-        print(json.dumps(line))
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(line) + "\n")
+        lines = [line] + ([relations(eng, str(ckpt))] if args.relations else [])
+        for line in lines:
+            print(json.dumps(line))
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(line) + "\n")
 
 
 if __name__ == "__main__":
