@@ -36,9 +36,10 @@ from repforce import runtime
 from repforce import train as T
 from repforce.data import build_world_tokenizer
 from repforce.presets import preset
-from repforce.runtime import autocast
 from repforce.sequence import GEN, REP, Layout, Sample, collate_samples
-from repforce.train import param_groups, update_weight_ema
+from repforce.train import param_groups
+
+from gpu_check import train_step  # benchmarks/ (this script's folder): the trainer's step, written once
 
 H200_BF16 = 989e12  # FLOP/s, dense
 WORDS = ("a red circle small large blue square green triangle photo of the cat dog sitting on under next to "
@@ -145,17 +146,10 @@ def main():
         batch = {k: v.to(dev, non_blocking=True) for k, v in batches[i % len(batches)].items()}
         sync()
         t0 = time.perf_counter()
-        with autocast(cfg.train.precision, dev):
-            out = model(batch)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        runtime.clip_grad_norm_(model.parameters(), cfg.optim.clip)
-        opt.step()
-        model.update_ema_encoder()
-        update_weight_ema(ema, model, cfg.train.ema)
+        loss = train_step(model, ema, opt, cfg, batch, cfg.train.precision, dev)
         sync()
         dt = time.perf_counter() - t0
-        losses.append(float(out["loss"].detach()))
+        losses.append(float(loss))
         if i >= args.warmup:
             timed += dt
             tokens += int((batch["kind"] != 0).sum())

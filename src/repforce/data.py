@@ -45,7 +45,7 @@ def sample_at(cfg: DataConfig, j: int, gen_fraction: float | None = None) -> Sam
     if rng.random() < cfg.caption_fraction:
         q, a = CAPTION_QUESTION, shapes.caption(scene)
     else:
-        qa = shapes.train_questions(scene, rng, cfg.hard_negatives) if cfg.hard_negatives else shapes.questions(scene)
+        qa = shapes.train_questions(scene, rng, cfg.hard_negatives)  # draws nothing when hard_negatives is 0
         if cfg.qa_turns > 1:
             (q, a), *more = [qa[k] for k in rng.permutation(len(qa))[:cfg.qa_turns]]
             return Sample(False, shapes.render(scene), q, a, more=tuple(more))
