@@ -4,6 +4,7 @@
 """
 
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -67,9 +68,14 @@ def test_the_shapes_model_starts_from_it_and_a_wrong_shape_is_named():
         pretrained.load_world_encoder(model, "shapes_encoder", world="fashion")
 
 
-def test_the_shapes_preset_is_recipe_v5_and_v1_to_v4_stay_as_recorded():
-    v5, v5vlm = preset("shapes", "pixel_rf"), preset("shapes", "vlm")
+def test_the_shapes_preset_is_recipe_v6_and_v1_to_v5_stay_as_recorded():
+    v6, v6vlm = preset("shapes", "pixel_rf"), preset("shapes", "vlm")
+    assert v6.recipe == "shapes-v6" and C.Config.from_json(v6.to_json()).recipe == "shapes-v6"
+    assert (v6.data.relation_turns, v6vlm.data.relation_turns) == (3, 3)  # v6: relation questions first
+    v5, v5vlm = preset("shapes_v5", "pixel_rf"), preset("shapes_v5", "vlm")
     assert v5.recipe == "shapes-v5" and C.Config.from_json(v5.to_json()).recipe == "shapes-v5"
+    assert v6.model == v5.model and v6.train == v5.train and v6.optim == v5.optim and v5.data.relation_turns == 0
+    assert replace(v6.data, relation_turns=0) == v5.data
     assert (v5.data.hard_negatives, v5vlm.data.hard_negatives) == (1.0, 1.0)  # v5: confusable "is there" negatives
     v4, v4vlm = preset("shapes_v4", "pixel_rf"), preset("shapes_v4", "vlm")
     assert v4.recipe == "shapes-v4" and C.Config.from_json(v4.to_json()).recipe == "shapes-v4"

@@ -15,7 +15,7 @@ from repforce.worlds import shapes, shapeseval
 MB = 1024 * 1024
 
 
-@pytest.mark.parametrize("name,recipe", [("shapes_vlm", "shapes-v5"), ("shapes", "shapes-v4")])
+@pytest.mark.parametrize("name,recipe", [("shapes_vlm", "shapes-v6"), ("shapes", "shapes-v4")])
 def test_shipped_model_is_whole_small_and_loads_by_name(name, recipe):
     assert name in checkpoint.shipped()
     d = checkpoint.resolve(name)
@@ -56,6 +56,23 @@ def test_shipped_vlm_checks_color_and_shape_together():
     right = [a == t for a, t in zip(answers, truth)]
     assert sum(right) >= len(right) - 1, list(zip(questions, answers, truth))  # 24 questions, at most one wrong
 
+
+
+def test_shipped_vlm_answers_relation_questions():
+    """"what shape is left of the red circle?" on the first 200 held-out scenes (370 questions, chance
+    about 1/3): the v4 vlm answers 0.77 of them (the v3 one 0.77 too); crowded scenes are what it misses."""
+    eng = E.load("shapes_vlm", precision="fp32")
+    images, questions, truth = [], [], []
+    for i in range(200):
+        scene = shapes.sample_scene(shapes.scene_seed("heldout", i))
+        for q, a in shapes.questions(scene):
+            if q.startswith("what shape is "):
+                images.append(shapes.render(scene))
+                questions.append(q)
+                truth.append(a)
+    answers = eng.answer(images, questions, max_new_tokens=3)
+    acc = np.mean([a == t for a, t in zip(answers, truth)])
+    assert len(truth) >= 300 and acc >= 0.7, (len(truth), acc)
 
 
 def test_shipped_shapes_draws_a_red_circle():

@@ -175,6 +175,8 @@ class DataConfig:
     drop_both: float = 0.0  # probability of dropping both together on top (the pixel-guidance branch; sequence.guidance_drops)
     hard_negatives: float = 0.0  # shapes, training only: share of "is there a <color> <shape>?" "no" questions asked of a
     # confusable pair (absent, its shape or its color in the scene; shapes.confusable, shapes.train_questions)
+    relation_turns: int = 0  # shapes, qa_turns > 1: of an image's turns, up to this many are its relation questions
+    # ("what shape is left of the red circle?"), drawn first; the rest as before (data.sample_at)
     seed: int = 0  # data seed: which slice of the train stream a run sees
 
 
@@ -329,6 +331,8 @@ def validate(cfg: Config) -> Config:
         v = getattr(d, name)
         need(0 <= v <= 1, f"data.{name}", v, "must be in [0, 1]")
     need(d.qa_turns >= 1, "data.qa_turns", d.qa_turns, "must be >= 1")
+    need(0 <= d.relation_turns <= d.qa_turns, "data.relation_turns", d.relation_turns,
+         f"must be in [0, data.qa_turns={d.qa_turns}]")
     if m.variant.startswith("vae"):
         need(bool(t.vae), "train.vae", t.vae, f"variant {m.variant} needs the folder of a trained VAE (repforce train-vae)")
     return cfg

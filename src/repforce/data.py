@@ -47,7 +47,11 @@ def sample_at(cfg: DataConfig, j: int, gen_fraction: float | None = None) -> Sam
     else:
         qa = shapes.train_questions(scene, rng, cfg.hard_negatives)  # draws nothing when hard_negatives is 0
         if cfg.qa_turns > 1:
-            (q, a), *more = [qa[k] for k in rng.permutation(len(qa))[:cfg.qa_turns]]
+            order = list(rng.permutation(len(qa)))
+            if cfg.relation_turns:  # up to relation_turns relation questions first, the rest as drawn
+                rel = [k for k in order if qa[k][0].startswith("what shape is ")][:cfg.relation_turns]
+                order = rel + [k for k in order if k not in rel]
+            (q, a), *more = [qa[k] for k in order[:cfg.qa_turns]]
             return Sample(False, shapes.render(scene), q, a, more=tuple(more))
         q, a = qa[rng.integers(len(qa))]
     return Sample(False, shapes.render(scene), q, a)
