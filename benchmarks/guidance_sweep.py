@@ -2,6 +2,8 @@
 JSON object per (run, weight): ShapesEval overall and per category.
 
     .venv/bin/python benchmarks/guidance_sweep.py --runs runs/study/full/pixel_s0 runs/study/full/pixel_rf_s0 --cfg 1 3
+    .venv/bin/python benchmarks/guidance_sweep.py --runs runs/dx/B/checkpoints/step_00000560 --cfg 1 3 --rep-cfg 1 2 \
+        --n 2 --out docs/results/bench/demo_guidance.jsonl      # every (cfg, rep-cfg) pair
 
 The study samples every variant at the paper's weight (3.0). On `pixel` that empties
 one-object canvases (docs/results/findings.md), so the study's absolute scores sit below
@@ -15,7 +17,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
+import shlex
+import sys
 import tempfile
 import time
 
@@ -38,19 +43,29 @@ def main() -> None:
     ap.add_argument("--cfg", nargs="+", type=float, default=[1.0, 3.0], help="pixel guidance weights")
     ap.add_argument("--per-category", type=int, default=20, help="ShapesEval prompts per category (the study: 20)")
     ap.add_argument("--n", type=int, default=4, help="images per prompt (the study: 4)")
+    ap.add_argument("--rep-cfg", dest="rep_cfg", nargs="+", type=float, default=[2.0],
+                    help="rep-token guidance weights (the paper's: 2); every pair with --cfg is run")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="", help="also append the rows to this JSON-lines file (the command first)")
     args = ap.parse_args()
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write("# .venv/bin/python " + " ".join(shlex.quote(a) for a in sys.argv) + "\n")
     for run in args.runs:
         eng = load(run)
-        for w in args.cfg:
+        for w, r in itertools.product(args.cfg, args.rep_cfg):
             t0 = time.time()
             with tempfile.TemporaryDirectory() as tmp:
-                images = write_shapeseval(eng, tmp, args.n, GenOptions(cfg=w), args.seed, args.per_category,
-                                          progress=False)
+                images = write_shapeseval(eng, tmp, args.n, GenOptions(cfg=w, rep_cfg=r), args.seed,
+                                          args.per_category, progress=False)
             scores = shapeseval.score_images(images, args.per_category).scores
-            print(json.dumps({"run": run, "variant": eng.cfg.variant, "cfg": w, "images": len(images), "digest": digest(images),
-                              **{k: round(v, 4) for k, v in scores.items()}, "wall_s": round(time.time() - t0, 1)}),
-                  flush=True)
+            row = json.dumps({"run": run, "variant": eng.cfg.variant, "cfg": w, "rep_cfg": r, "images": len(images),
+                              "digest": digest(images), **{k: round(v, 4) for k, v in scores.items()},
+                              "wall_s": round(time.time() - t0, 1)})
+            print(row, flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(row + "\n")
 
 
 if __name__ == "__main__":
