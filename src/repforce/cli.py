@@ -284,6 +284,7 @@ def cmd_demo(args) -> None:
     first = f"vlm {s['steps']['vlm']} steps" if s["stage1"] == "train" else f"from the shipped {s['stage1']}"
     print(f"\ndemo done in {s['wall_s'] / 60:.1f} min ({first}, pixel_rf {s['steps']['pixel_rf']} steps)")
     print("ShapesEval " + " ".join(f"{k}={v:.2f}" for k, v in sc.items()))
+    print("  without guidance " + " ".join(f"{k}={v:.2f}" for k, v in s["shapeseval_unguided"].items()))
     print(f"VQA accuracy {s['vqa']:.3f}, caption exact match {s['caption_exact_match']:.3f}")
     print(f"report: {s['report']}")
 
