@@ -44,11 +44,11 @@ def groups(n_scenes: int) -> list[tuple[object, str, str, str]]:
 def relations(eng, ckpt: str, n: int = 600) -> dict:
     """Relation questions among the first n held-out VQA items: accuracy by "<relation>, <objects>" and
     the kinds of wrong answers."""
-    items = [it for it in metrics.heldout_vqa(n, 32) if it[1].startswith("what shape is")]
+    items = [it for it in metrics.heldout_vqa(n, 32) if shapes.is_relation(it[1])]
     preds = eng.answer([shapes.render(sc) for sc, _, _ in items], [q for _, q, _ in items], max_new_tokens=4)
     hits, wrong = defaultdict(list), defaultdict(int)
     for (scene, q, a), p in zip(items, preds):
-        rel, ref = q.removeprefix("what shape is ").removesuffix("?").split(" the ")
+        rel, ref = q.removeprefix(shapes.RELATION_PREFIX).removesuffix("?").split(" the ")
         hits[f"{rel}, {len(scene.objects)} objects"].append(p.strip() == a)
         if p.strip() != a:
             kind = ("the reference's shape" if p.strip() == ref.split()[-1] else

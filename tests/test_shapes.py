@@ -1,8 +1,11 @@
 import hashlib
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
+from repforce.config import DataConfig
+from repforce.data import sample_at
 from repforce.worlds import shapes as world
 
 
@@ -170,24 +173,17 @@ def test_hard_negatives_ask_about_confusable_pairs_and_stay_true():
     assert swapped > 50  # crowded scenes have confusable pairs often enough to matter
 
 
-
-def test_relation_turns_put_relation_questions_first_and_change_nothing_when_off():
-    from dataclasses import replace
-
-    from repforce.config import DataConfig
-    from repforce.data import sample_at
-
+def test_relation_turns_put_relation_questions_first():
     base = DataConfig(qa_turns=4, gen_fraction=0.0, caption_fraction=0.0)
     boosted = replace(base, relation_turns=2)
-    is_rel = lambda q: q.startswith("what shape is ")  # noqa: E731
     asked_base = asked_boosted = 0
     for j in range(300):
         a, b = sample_at(base, j), sample_at(boosted, j)
         assert a.image.tobytes() == b.image.tobytes()  # the same scene either way
         turns_a, turns_b = [(a.prompt, a.answer), *a.more], [(b.prompt, b.answer), *b.more]
         assert len(turns_a) == len(turns_b) == 4
-        n_a, n_b = sum(is_rel(q) for q, _ in turns_a), sum(is_rel(q) for q, _ in turns_b)
+        n_a, n_b = sum(world.is_relation(q) for q, _ in turns_a), sum(world.is_relation(q) for q, _ in turns_b)
         assert n_b >= min(n_a, 2)  # never fewer relation questions than before, up to the two reserved
-        assert all(is_rel(q) for q, _ in turns_b[:min(n_b, 2)])  # and they come first
+        assert all(world.is_relation(q) for q, _ in turns_b[:min(n_b, 2)])  # and they come first
         asked_base, asked_boosted = asked_base + n_a, asked_boosted + n_b
     assert asked_boosted > 1.5 * asked_base > 0  # the boost is real on this stream

@@ -66,7 +66,7 @@ def test_shipped_vlm_answers_relation_questions():
     for i in range(200):
         scene = shapes.sample_scene(shapes.scene_seed("heldout", i))
         for q, a in shapes.questions(scene):
-            if q.startswith("what shape is "):
+            if shapes.is_relation(q):
                 images.append(shapes.render(scene))
                 questions.append(q)
                 truth.append(a)

@@ -49,7 +49,7 @@ def sample_at(cfg: DataConfig, j: int, gen_fraction: float | None = None) -> Sam
         if cfg.qa_turns > 1:
             order = list(rng.permutation(len(qa)))
             if cfg.relation_turns:  # up to relation_turns relation questions first, the rest as drawn
-                rel = [k for k in order if qa[k][0].startswith("what shape is ")][:cfg.relation_turns]
+                rel = [k for k in order if shapes.is_relation(qa[k][0])][:cfg.relation_turns]
                 order = rel + [k for k in order if k not in rel]
             (q, a), *more = [qa[k] for k in order[:cfg.qa_turns]]
             return Sample(False, shapes.render(scene), q, a, more=tuple(more))

@@ -247,6 +247,14 @@ def _unique(scene: Scene, **attrs) -> list[Obj]:
     return [o for o in scene.objects if all(getattr(o, k) == v for k, v in attrs.items())]
 
 
+RELATION_PREFIX = "what shape is "  # every relation question starts so: "what shape is left of the red circle?"
+
+
+def is_relation(question: str) -> bool:
+    """Whether a question of questions() asks what stands in a relation to an object."""
+    return question.startswith(RELATION_PREFIX)
+
+
 def questions(scene: Scene) -> list[tuple[str, str]]:
     """Every unambiguous question/answer pair the scene supports, in a fixed order.
 
@@ -274,7 +282,7 @@ def questions(scene: Scene) -> list[tuple[str, str]]:
             hits = [o for o in others if relation_holds(rel, (o.cx, o.cy), (ref.cx, ref.cy), margin)]
             near = [o for o in others if relation_holds(rel, (o.cx, o.cy), (ref.cx, ref.cy), margin / 2)]
             if len(hits) == 1 and len(near) == 1:
-                qa.append((f"what shape is {rel} the {ref.color} {ref.shape}?", hits[0].shape))
+                qa.append((f"{RELATION_PREFIX}{rel} the {ref.color} {ref.shape}?", hits[0].shape))
     present = {(o.color, o.shape) for o in scene.objects}
     for color, shape in sorted(present):
         qa.append((f"is there a {color} {shape}?", "yes"))
