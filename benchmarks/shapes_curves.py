@@ -11,7 +11,7 @@ pixel 3, rep 2, 25 Euler steps), held-out VQA by question kind and caption exact
 (`study.evaluate.rep_reliance`: x-prediction error at t = 0.1 and 0.3 with another scene's ids
 minus with its own). Lines already in --out are kept and not recomputed, so the
 script resumes. A vlm run gets only the understanding scores. --plot draws ShapesEval overall
-against training steps, one line per label (the oracle dashed).
+against training steps, one line per label of --out (or of --plot-labels; the oracle dashed).
 """
 
 from __future__ import annotations
@@ -52,14 +52,15 @@ def score(step_dir: Path, per_category: int, n: int, vqa_n: int, cap_n: int, ora
     return row
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, labels: list[str] = ()) -> None:
+    """labels: only these, in this order (default: every label in rows)."""
     import matplotlib  # heavy
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # heavy
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for label in dict.fromkeys(r["label"] for r in rows):
+    for label in labels or dict.fromkeys(r["label"] for r in rows):
         mine = sorted((r for r in rows if r["label"] == label and "shapeseval" in r), key=lambda r: r["step"])
         if not mine:
             continue
@@ -91,6 +92,7 @@ def main() -> None:
     ap.add_argument("--steps", default="", help="only these steps, comma-separated (default: every checkpoint)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--plot", default="")
+    ap.add_argument("--plot-labels", nargs="+", default=[], help="plot only these labels of --out, in this order")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -118,7 +120,7 @@ def main() -> None:
                 f.write(json.dumps(row) + "\n")
             rows.append(row)
     if args.plot:
-        plot(rows, Path(args.plot))
+        plot(rows, Path(args.plot), args.plot_labels)
 
 
 if __name__ == "__main__":

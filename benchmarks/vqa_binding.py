@@ -10,6 +10,10 @@ only scores 1, 0, 1, 1; one that checks both scores 1, 1, 1, 1. Greedy answers, 
 line per checkpoint, appended. --relations adds a line per checkpoint for the relation questions ("what
 shape is left of the <color> <shape>?") of the first 600 held-out VQA items: accuracy by relation and
 object count, and what a wrong answer names (the reference's own shape, another object's, or one absent).
+--relation-scenes N adds, per checkpoint and split (train, heldout), every relation question of the first
+N scenes, by how many distinct shapes the scene holds: with one or two, "the other object's shape" is
+right without reading the relation; with three it is a choice between two, so 0.5 is chance. Equal
+train and held-out figures say the model underfits relations rather than failing to generalise.
 """
 
 from __future__ import annotations
@@ -59,6 +63,19 @@ def relations(eng, ckpt: str, n: int = 600) -> dict:
             "by": {k: [len(v), round(sum(v) / len(v), 3)] for k, v in sorted(hits.items())}, "wrong": dict(wrong)}
 
 
+def relation_scenes(eng, ckpt: str, split: str, n_scenes: int) -> dict:
+    """Every relation question of the first n_scenes scenes of a split, by distinct shapes in the scene."""
+    items = [(sc, q, a) for sc in shapes.scenes(split, 0, n_scenes) for q, a in shapes.questions(sc)
+             if shapes.is_relation(q)]
+    preds = eng.answer([shapes.render(sc) for sc, _, _ in items], [q for _, q, _ in items], max_new_tokens=4)
+    hits = defaultdict(list)
+    for (scene, _, a), p in zip(items, preds):
+        hits[f"{len({o.shape for o in scene.objects})} distinct shapes"].append(p.strip() == a)
+    return {"bench": "vqa_relations_scenes", "ckpt": ckpt, "split": split, "scenes": n_scenes,
+            "questions": len(items), "accuracy": round(sum(sum(v) for v in hits.values()) / len(items), 3),
+            "by": {k: [len(v), round(sum(v) / len(v), 3)] for k, v in sorted(hits.items())}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ckpt", nargs="+", required=True, help="shipped model names, run folders or checkpoints")
@@ -66,6 +83,8 @@ def main() -> None:
     ap.add_argument("--out", default="")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--relations", action="store_true", help="also the relation questions, by relation and object count")
+    ap.add_argument("--relation-scenes", type=int, default=0,
+                    help="also every relation question of the first N train and held-out scenes, by distinct shapes")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,6 +104,8 @@ def main() -> None:
         line = {"bench": "vqa_binding", "ckpt": str(ckpt), "questions": len(rows),
                 **{g: round(sum(v) / len(v), 3) for g, v in sorted(hits.items())}}
         lines = [line] + ([relations(eng, str(ckpt))] if args.relations else [])
+        lines += [relation_scenes(eng, str(ckpt), split, args.relation_scenes) for split in ("train", "heldout")
+                  if args.relation_scenes]
         for line in lines:
             print(json.dumps(line))
             if args.out:

@@ -278,6 +278,29 @@ def test_sincos_positions_put_each_rep_cell_on_the_patches_it_covers():
     assert not torch.equal(RFModel(tiny("pixel_rf")).gen_pos.data, m.gen_pos.data)  # "normal" stays the default
 
 
+def test_2d_understanding_rope_puts_encoder_tokens_on_their_grid_and_is_off_by_default():
+    """model.und_rope="2d": an understanding image's encoder tokens at (t, t + row, t + column), t its first
+    position, whatever left padding shifts it by; the text around it stays 1D; "1d" (the default) leaves them 1D."""
+    from repforce.positions import image_rope_positions
+
+    cfg = tiny_model("vlm", image_rope="2d", und_rope="2d")  # 16 x 16 image, 4-px patches: a 4 x 4 grid
+    E = cfg.n_enc
+    row = [TEXT, TEXT] + [ENC] * E + [TEXT] * 4
+    kind = torch.tensor([row, [PAD] * 3 + row[:-3]])  # the second row left-padded by 3
+    pos = torch.arange(kind.shape[1])[None].expand(2, -1)
+    rp = image_rope_positions(kind, pos, cfg)
+    for b, start in ((0, 2.0), (1, 5.0)):
+        enc = rp[b][kind[b] == ENC]
+        assert (enc[:, 0] == start).all()
+        assert torch.equal(enc[:, 1:] - start, torch.tensor([[r, c] for r in range(4) for c in range(4)], dtype=torch.float))
+        text = pos[b][kind[b] != ENC].float()
+        assert torch.equal(rp[b][kind[b] != ENC], text[:, None].expand(-1, 3))
+    one_d = image_rope_positions(kind, pos, tiny_model("vlm", image_rope="2d"))
+    assert torch.equal(one_d, pos.float()[..., None].expand(-1, -1, 3))
+    with pytest.raises(ValueError, match="model.und_rope='2d': 2d needs model.image_rope=2d"):
+        tiny_model("vlm", und_rope="2d")
+
+
 def test_2d_image_rope_puts_each_patch_beside_its_rep_cell_and_leaves_text_1d():
     from repforce.backbone import rope_cos_sin
     from repforce.positions import image_rope_positions

@@ -64,6 +64,9 @@ class ModelConfig:
     gen_head_hidden: int = 0  # pixel head: 0 = linear, else hidden width of a 2-layer MLP
     image_rope: str = "1d"  # RoPE of the rep and gen slots: "1d" raster positions, or "2d": (t, h, w) with h, w
     # the slot's place on the gen-patch grid, rep cells at the centre of the patches they cover (model.image_rope_positions)
+    und_rope: str = "1d"  # RoPE of an understanding image's encoder tokens: "1d" raster positions, or "2d" (needs
+    # image_rope="2d"): (t, h, w) with h, w the token's place on the encoder grid, as Qwen2-VL's M-RoPE places image
+    # tokens (positions.image_rope_positions); text keeps its 1D positions either way
     pos_init: str = "normal"  # gen_pos / rep_pos at init: "normal" (std 0.02) or "sincos" (2D sin-cos on one
     # grid, each rep cell at the centre of the gen patches it covers: model.grid_sincos)
     rep_pool: int = 2  # rep cell = rep_pool x rep_pool encoder patches, average pooled
@@ -110,6 +113,8 @@ class ModelConfig:
         check(self.gen_size % self.gen_patch == 0, "gen_size", f"not divisible by gen_patch={self.gen_patch}")
         check(0 <= self.loss_t_eps < 1, "loss_t_eps", "must be in [0, 1)")
         check(self.image_rope in ("1d", "2d"), "image_rope", "must be 1d or 2d")
+        check(self.und_rope in ("1d", "2d"), "und_rope", "must be 1d or 2d")
+        check(self.und_rope == "1d" or self.image_rope == "2d", "und_rope", "2d needs model.image_rope=2d")
         check(self.pos_init in POS_INITS, "pos_init", f"must be one of {POS_INITS}")
         check(self.rep_balance in BALANCES, "rep_balance", f"must be one of {BALANCES}")
         check(self.rep_init in INITS, "rep_init", f"must be one of {INITS}")

@@ -224,4 +224,8 @@ def rope_positions(kind: torch.Tensor, positions: torch.Tensor, doc: torch.Tenso
     start = torch.where(torch.isfinite(first_rep), first_rep, first(GEN) - m)  # (S,)
     side = torch.sqrt(n.float()).round().long().clamp(min=1)  # gen grid side per sample
     cells = torch.sqrt(m.float()).round().long().clamp(min=1)
-    return image_rope_positions(kind, positions, cfg, start=start[d], grid=(side[d], cells[d], m[d]))
+    enc = None
+    if getattr(cfg, "und_rope", "1d") == "2d":  # each understanding sample's encoder grid, from its own token count
+        e = count(ENC)
+        enc = (first(ENC)[d], torch.sqrt(e.float()).round().clamp(min=1)[d])
+    return image_rope_positions(kind, positions, cfg, start=start[d], grid=(side[d], cells[d], m[d]), enc=enc)

@@ -8,15 +8,15 @@ import math
 
 import torch
 
-from .sequence import GEN, REP
+from .sequence import ENC, GEN, REP
 
 
 def image_rope_positions(kind: torch.Tensor, positions: torch.Tensor, cfg, start: torch.Tensor | None = None,
-                         grid: tuple | None = None):
+                         grid: tuple | None = None, enc: tuple | None = None):
     """Multimodal RoPE positions (B, L, 3) float for model.image_rope="2d".
 
     Every slot but the rep and gen slots keeps its 1D position p as (p, p, p), which is 1D RoPE
-    exactly (so text and understanding are unchanged). The image of a generation sample, whose
+    exactly (so text, and understanding unless und_rope="2d", are unchanged). The image of a generation sample, whose
     first slot (the first rep slot, or the first gen slot without reps) has 1D position `start`,
     gets t = start and (h, w) = start + its place on the gen-patch grid: gen patch (r, c) at
     (r, c), rep cell (i, j) at the centre of the patches it covers. A gen patch and the rep cell
@@ -26,15 +26,23 @@ def image_rope_positions(kind: torch.Tensor, positions: torch.Tensor, cfg, start
     whose chunk begins inside the image (a cached rep step); else the chunk's first rep
     position, or its first gen position minus M. Packed rows (packing.rope_positions) give
     start (B, L) and grid = (gen grid side, rep cells per side, M), each (B, L): per position,
-    from the sample it belongs to."""
+    from the sample it belongs to.
+
+    With cfg.und_rope="2d" the encoder tokens of an understanding image get the same treatment on the
+    encoder grid: t = the 1D position of the image's first token, (h, w) = t + (row, column), as
+    Qwen2-VL's M-RoPE places image tokens; the text around it keeps its 1D positions. A row holds one
+    understanding image, whose tokens are all in the chunk; packed rows give enc = (first encoder
+    position, encoder grid side), each (B, L), per position from its sample (packing.rope_positions)."""
+    p = positions.float()
+    out = p[..., None].expand(*p.shape, 3).clone()
+    if getattr(cfg, "und_rope", "1d") == "2d":
+        _place_encoder_tokens(out, kind, p, enc)
     if grid is None:
         m = cfg.n_rep if cfg.rep_slots else 0
         side = cfg.gen_size // cfg.gen_patch
         cells = math.isqrt(cfg.n_rep) if m else 1
     else:
         side, cells, m = grid
-    p = positions.float()
-    out = p[..., None].expand(*p.shape, 3).clone()
     is_rep, is_gen = kind == REP, kind == GEN
     if not (is_rep.any() or is_gen.any()):
         return out
@@ -52,10 +60,28 @@ def image_rope_positions(kind: torch.Tensor, positions: torch.Tensor, cfg, start
     r = torch.where(is_rep, rep_r, gen_r)
     c = torch.where(is_rep, rep_c, gen_c)
     img = (is_rep | is_gen)
-    out[..., 0] = torch.where(img, start, p)
-    out[..., 1] = torch.where(img, start + r, p)
-    out[..., 2] = torch.where(img, start + c, p)
+    out[..., 0] = torch.where(img, start, out[..., 0])
+    out[..., 1] = torch.where(img, start + r, out[..., 1])
+    out[..., 2] = torch.where(img, start + c, out[..., 2])
     return out
+
+
+def _place_encoder_tokens(out: torch.Tensor, kind: torch.Tensor, p: torch.Tensor, enc: tuple | None) -> None:
+    """out (B, L, 3) in place: encoder tokens at (t, t + row, t + column), t their image's first position."""
+    is_enc = kind == ENC
+    if not is_enc.any():
+        return
+    if enc is None:  # one image per row: its first encoder position and grid side
+        first = torch.where(is_enc, p, torch.full_like(p, float("inf"))).min(dim=1, keepdim=True).values
+        side = is_enc.sum(dim=1, keepdim=True).float().sqrt().round().clamp(min=1)
+        start, side = first.expand_as(p), side.expand_as(p)
+    else:
+        start, side = enc[0].float(), enc[1].float()
+    idx = p - start
+    r, c = torch.div(idx, side, rounding_mode="floor"), torch.remainder(idx, side)
+    out[..., 0] = torch.where(is_enc, start, out[..., 0])
+    out[..., 1] = torch.where(is_enc, start + r, out[..., 1])
+    out[..., 2] = torch.where(is_enc, start + c, out[..., 2])
 
 
 def grid_sincos(dim: int, side: int, cells: int, scale: float = 0.1) -> torch.Tensor:
