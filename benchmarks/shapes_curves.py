@@ -53,22 +53,24 @@ def score(step_dir: Path, per_category: int, n: int, vqa_n: int, cap_n: int, ora
 
 
 def plot(rows: list[dict], path: Path, labels: list[str] = ()) -> None:
-    """labels: only these, in this order (default: every label in rows)."""
+    """labels: only these, in this order, each LABEL or LABEL=LEGEND NAME (default: every label in rows)."""
     import matplotlib  # heavy
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # heavy
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for label in labels or dict.fromkeys(r["label"] for r in rows):
+    for spec in labels or dict.fromkeys(r["label"] for r in rows):
+        label, _, name = spec.partition("=")
+        name = name or label
         mine = sorted((r for r in rows if r["label"] == label and "shapeseval" in r), key=lambda r: r["step"])
         if not mine:
             continue
-        line, = ax.plot([r["step"] for r in mine], [r["shapeseval"]["overall"] for r in mine], "o-", label=label)
+        line, = ax.plot([r["step"] for r in mine], [r["shapeseval"]["overall"] for r in mine], "o-", label=name)
         orc = [r for r in mine if "oracle" in r]
         if orc:
             ax.plot([r["step"] for r in orc], [r["oracle"]["overall"] for r in orc], "--", color=line.get_color(),
-                    label=f"{label}, oracle rep tokens")
+                    label=f"{name}, oracle rep tokens")
     ax.set_xlabel("training steps (batch 32)")
     ax.set_ylabel("ShapesEval overall")
     ax.set_ylim(0, 1)
@@ -92,7 +94,8 @@ def main() -> None:
     ap.add_argument("--steps", default="", help="only these steps, comma-separated (default: every checkpoint)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--plot", default="")
-    ap.add_argument("--plot-labels", nargs="+", default=[], help="plot only these labels of --out, in this order")
+    ap.add_argument("--plot-labels", nargs="+", default=[],
+                    help="plot only these labels of --out, in this order; LABEL=NAME renames one in the legend")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -292,7 +292,8 @@ def test_2d_understanding_rope_puts_encoder_tokens_on_their_grid_and_is_off_by_d
     for b, start in ((0, 2.0), (1, 5.0)):
         enc = rp[b][kind[b] == ENC]
         assert (enc[:, 0] == start).all()
-        assert torch.equal(enc[:, 1:] - start, torch.tensor([[r, c] for r in range(4) for c in range(4)], dtype=torch.float))
+        grid = torch.tensor([[r, c] for r in range(4) for c in range(4)], dtype=torch.float)
+        assert torch.equal(enc[:, 1:] - start, grid)
         text = pos[b][kind[b] != ENC].float()
         assert torch.equal(rp[b][kind[b] != ENC], text[:, None].expand(-1, 3))
     one_d = image_rope_positions(kind, pos, tiny_model("vlm", image_rope="2d"))

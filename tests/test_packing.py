@@ -112,9 +112,11 @@ def test_sides_are_drawn_per_sample_whatever_the_batch():
 # ---------------------------------------------------------------- losses: packed == unpacked
 
 
+VLM_2D = {"image_rope": "2d", "und_rope": "2d"}  # encoder tokens on their grid too
+
+
 @pytest.mark.parametrize("variant,fields", [("pixel_rf", {}), ("pixel_rf", {"image_rope": "2d", "pos_init": "sincos"}),
-                                            ("pixel_repa", {}), ("vlm", {}), ("vlm", {"image_rope": "2d", "und_rope": "2d"}),
-                                            ("pixel_cont", {})])
+                                            ("pixel_repa", {}), ("vlm", {}), ("vlm", VLM_2D), ("pixel_cont", {})])
 def test_packed_losses_and_gradients_equal_unpacked(variant, fields):
     """One image size: the same samples (same noise seeds) unpacked and packed into rows of 64 tokens, in
     training mode (the quantizer balances and moves), fp32: every loss and every gradient agree."""
@@ -138,7 +140,7 @@ def test_packed_losses_and_gradients_equal_unpacked(variant, fields):
 
 
 @pytest.mark.parametrize("variant,fields", [("pixel_rf", {}), ("pixel_rf", {"image_rope": "2d", "pos_init": "sincos"}),
-                                            ("pixel_repa", {}), ("vlm", {}), ("vlm", {"image_rope": "2d", "und_rope": "2d"})])
+                                            ("pixel_repa", {}), ("vlm", {}), ("vlm", VLM_2D)])
 def test_packed_rows_of_several_image_sizes_equal_each_size_unpacked(variant, fields):
     """Sides 8, 16, 24, 32 px in rows of 128 tokens (vlm: 64) against one unpacked batch per side (the images resized the
     same way), the loss divisors those of the whole batch, so the unpacked losses and gradients add up to the

@@ -78,6 +78,24 @@ def test_every_loss_term_falls(variant, tmp_path, tiny_vae):
         assert last < first, (k, first, last)
 
 
+def test_vae_rf_scores_its_oracle_and_rep_reliance_in_latent_space(tmp_path, tiny_vae):
+    """The curve scorer's two diagnostics on a vae_rf run: rep tokens of truth renders -> latents -> decoded
+    images for the oracle, and the rep-reading gap measured on the latents the pixel stage diffuses."""
+    from repforce import engine as E
+    from repforce.study import evaluate
+
+    train(tiny("vae_rf", steps=2, ckpt_every=1000, vae=str(tiny_vae)), tmp_path, progress=False)
+    eng = E.load(tmp_path, precision="fp32")
+    torch.manual_seed(0)
+    with torch.no_grad():  # two steps leave near-zero heads: give every weight some signal
+        for p in eng.model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    r = evaluate.rep_reliance(eng, n=4)
+    assert all(v > 0 for v in r["mse_own"].values()) and any(abs(v) > 1e-6 for v in r["gap"].values())
+    scores, arr = evaluate.oracle_shapeseval(eng, n=1, options=E.GenOptions(steps=2), per_category=1)
+    assert arr.shape[1:] == (eng.cfg.image_size, eng.cfg.image_size, 3) and "overall" in scores
+
+
 def test_resume_is_bit_for_bit(tmp_path):
     straight, halves = tmp_path / "a", tmp_path / "b"
     cfg = tiny("pixel_rf", steps=12, log_every=1, ckpt_every=6)

@@ -247,6 +247,12 @@ class Engine:
             h[:, -M:] = m.embed_rep(vals, drop=drop).to(h.dtype)
         return h, kind, pos
 
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """A sampled gen tensor as (B, 3, H, W) images in [-1, 1]: VAE latents decoded, one channel repeated."""
+        if self.cfg.variant.startswith("vae"):
+            x = decode(self.vae, x)
+        return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
     def sample_pixels(self, prompts: list[str], reps, o: GenOptions, gen: torch.Generator, progress: bool = False):
         """The gen tensor (B, C, Hg, Wg) by the ODE over the gen block against the frozen prefix."""
         m, c = self.model, self.cfg
@@ -306,10 +312,7 @@ class Engine:
             with self._autocast():
                 r = self.sample_reps(chunk, o, gen, progress) if self.cfg.rep_slots else None
                 x = self.sample_pixels(chunk, r, o, gen, progress)
-            if self.cfg.variant.startswith("vae"):
-                x = decode(self.vae, x)
-            x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-            images.append(to_uint8(x))
+            images.append(to_uint8(self.to_pixels(x)))
             if r is not None:
                 reps.append(r.float().cpu().numpy() if r.dtype != torch.long else r.cpu().numpy())
         return np.concatenate(images), (np.concatenate(reps) if reps else None)

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from .. import flow
 from ..engine import Engine, GenOptions, to_uint8
 from ..sequence import GEN
+from ..vae import encode
 from ..worlds import fashion as fm
 from ..worlds import metrics, shapes, shapeseval
 
@@ -67,7 +68,8 @@ def oracle_shapeseval(engine: Engine, n: int = 2, options: GenOptions | None = N
         for s in range(0, len(rows), batch_size):
             x = torch.stack([engine.image_tensor(a) for a in truth[s:s + batch_size]]).to(engine.device)
             ids, _ = engine.model.rep_targets(x)
-            out.append(to_uint8(engine.sample_pixels([p.text for p, _ in rows[s:s + batch_size]], ids, o, gen)))
+            x = engine.sample_pixels([p.text for p, _ in rows[s:s + batch_size]], ids, o, gen)
+            out.append(to_uint8(engine.to_pixels(x)))  # vae_rf: latents decoded
     arr = np.concatenate(out)
     scored = shapeseval.score_images({(p.index, k): a for (p, k), a in zip(rows, arr)}, per_category)
     return scored.scores, arr
@@ -76,8 +78,8 @@ def oracle_shapeseval(engine: Engine, n: int = 2, options: GenOptions | None = N
 @torch.no_grad()
 def rep_reliance(engine: Engine, n: int = 64, ts: tuple[float, ...] = (0.1, 0.3), seed: int = 0) -> dict:
     """How much the pixel stage reads its rep tokens: on n held-out scenes under their captions, the
-    x-prediction's MSE at each t given the scene's own rep ids (ground truth, as in training) and
-    given another scene's (the batch rolled by one), same noise. A renderer that ignores the rep
+    x-prediction's MSE (of the VAE latents it diffuses, for vae_rf) at each t given the scene's own rep
+    ids (ground truth, as in training) and given another scene's (the batch rolled by one), same noise. A renderer that ignores the rep
     tokens scores the two alike (gap 0); at low t, where the noisy pixels say little, a renderer
     that reads them is much closer with its own. Returns {"mse_own": {t: .}, "mse_other": {t: .},
     "gap": {t: other - own}}."""
@@ -87,8 +89,9 @@ def rep_reliance(engine: Engine, n: int = 64, ts: tuple[float, ...] = (0.1, 0.3)
     scenes = shapes.scenes("heldout", 0, n, c.image_size)
     x = torch.stack([engine.image_tensor(shapes.render(sc)) for sc in scenes]).to(engine.device).float()
     prompts = [shapes.caption(sc) for sc in scenes]
+    z = encode(engine.vae, x) if c.variant.startswith("vae") else x  # what the pixel stage diffuses
     g = torch.Generator(device="cpu").manual_seed(seed)
-    e = torch.randn(x.shape, generator=g).to(engine.device)
+    e = torch.randn(z.shape, generator=g).to(engine.device)
     out = {"mse_own": {}, "mse_other": {}, "gap": {}}
     with engine._autocast():
         ids, _ = m.rep_targets(x)
@@ -99,9 +102,9 @@ def rep_reliance(engine: Engine, n: int = 64, ts: tuple[float, ...] = (0.1, 0.3)
             gpos = pos[:, -1:] + 1 + torch.arange(c.n_gen, device=engine.device)
             for t in ts:
                 tt = torch.full((n,), t, device=engine.device)
-                hid = m.forward_hidden(torch.cat([h, m.embed_gen(flow.interpolate(x, e, tt), tt)], 1),
+                hid = m.forward_hidden(torch.cat([h, m.embed_gen(flow.interpolate(z, e, tt), tt)], 1),
                                        torch.cat([kind, gkind], 1), torch.cat([pos, gpos], 1))[:, -c.n_gen:]
-                out[key][str(t)] = float((m.gen_pred(hid).float() - x).pow(2).mean())
+                out[key][str(t)] = float((m.gen_pred(hid).float() - z).pow(2).mean())
     out["gap"] = {t: out["mse_other"][t] - out["mse_own"][t] for t in out["mse_own"]}
     return out
 
