@@ -183,3 +183,18 @@ def test_kill_9_inside_a_save_resumes_from_the_newest_complete_checkpoint(tmp_pa
         if "loss" in r:
             by_step[r["step"]] = r["loss"]
     assert list(by_step.values()) == losses(straight)
+
+
+def test_a_checkpoint_saved_before_a_model_option_existed_still_resumes(tmp_path, capsys):
+    """A field added to ModelConfig later (und_rope, say) is absent from an older run's config.json: it reads
+    as its default, so the run resumes; a field that differs from the run's config still passes it over."""
+    run = tmp_path / "run"
+    train(tiny_run("pixel_rf", "train.ckpt_every=2", steps=2), run, progress=False)
+    d = checkpoint.step_dirs(run / "checkpoints")[-1]
+    old = json.loads((d / "config.json").read_text())
+    del old["model"]["und_rope"]  # as a run saved before the option existed
+    (d / "config.json").write_text(json.dumps(old))
+    checkpoint.write_checksums(d, checkpoint.run_id(run))
+    assert main(["train", "--out", str(run), "--resume", "--steps", "3", "--quiet"]) == 0
+    assert "passing over" not in capsys.readouterr().err
+    assert (run / "checkpoints" / "step_00000003").exists()

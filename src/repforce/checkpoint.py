@@ -216,6 +216,22 @@ def restore(step_dir: Path, model: nn.Module, ema: nn.Module, opt) -> dict:
     return state
 
 
+def _model_defaults() -> dict:
+    """ModelConfig's field defaults as config.json holds them: a field added after a checkpoint was saved
+    reads as its default there, so older runs stay resumable when new options keep the old behaviour."""
+    import dataclasses
+
+    from .config import ModelConfig  # here: config imports modules that import this one
+
+    out = {}
+    for f in dataclasses.fields(ModelConfig):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = json.loads(json.dumps(f.default))
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = json.loads(json.dumps(f.default_factory()))
+    return out
+
+
 def restore_newest(run: Path, model_cfg: dict, model: nn.Module, ema: nn.Module, opt) -> tuple[dict | None, list[str]]:
     """--resume: the newest checkpoint of a run folder that passes verify() and holds this model config, restored in
     place; each newer one passed over is named on stderr (and returned). (None, []) when the run has no checkpoint;
@@ -229,6 +245,7 @@ def restore_newest(run: Path, model_cfg: dict, model: nn.Module, ema: nn.Module,
                 saved = json.loads((d / "config.json").read_text())["model"]
             except Exception as e:
                 raise CheckpointError(f"{d / 'config.json'}: unreadable ({type(e).__name__})") from None
+            saved = {**{k: v for k, v in _model_defaults().items() if k not in saved}, **saved}
             if saved != model_cfg:
                 diff = sorted(k for k in saved.keys() | model_cfg.keys() if saved.get(k) != model_cfg.get(k))
                 raise CheckpointError(f"{d / 'config.json'}: another model config (differs in {', '.join(diff[:4])})")
