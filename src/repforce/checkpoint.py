@@ -16,7 +16,7 @@ leaves every earlier checkpoint intact and no half-written folder that looks com
 Every step folder also holds `checksums.json`: the size and sha256 of each of its files and the id
 of the run that wrote it. `verify` checks them, so a truncated or flipped file, a missing shard, a
 meta.json or config.json from elsewhere, or a folder from another run is named on load instead of
-loaded; `--resume` then falls back to the previous checkpoint (train.restore_newest). A save that
+loaded; `--resume` then falls back to the previous checkpoint (restore_newest). A save that
 cannot be written (a full disk, a read-only folder) raises CheckpointError and leaves the earlier
 checkpoints as they were; a save never deletes a folder it did not write (one at the same step is
 moved aside to `.replaced_step_*`).
@@ -216,26 +216,13 @@ def restore(step_dir: Path, model: nn.Module, ema: nn.Module, opt) -> dict:
     return state
 
 
-def _model_defaults() -> dict:
-    """ModelConfig's field defaults as config.json holds them: a field added after a checkpoint was saved
-    reads as its default there, so older runs stay resumable when new options keep the old behaviour."""
-    import dataclasses
-
-    from .config import ModelConfig  # here: config imports modules that import this one
-
-    out = {}
-    for f in dataclasses.fields(ModelConfig):
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = json.loads(json.dumps(f.default))
-        elif f.default_factory is not dataclasses.MISSING:
-            out[f.name] = json.loads(json.dumps(f.default_factory()))
-    return out
-
-
-def restore_newest(run: Path, model_cfg: dict, model: nn.Module, ema: nn.Module, opt) -> tuple[dict | None, list[str]]:
+def restore_newest(run: Path, model_cfg: dict, model: nn.Module, ema: nn.Module, opt,
+                   model_defaults: dict | None = None) -> tuple[dict | None, list[str]]:
     """--resume: the newest checkpoint of a run folder that passes verify() and holds this model config, restored in
     place; each newer one passed over is named on stderr (and returned). (None, []) when the run has no checkpoint;
-    CheckpointError when none can be used. Nothing on disk is changed."""
+    CheckpointError when none can be used. Nothing on disk is changed. `model_defaults` (ModelConfig's defaults as
+    config.json holds them) fills a field missing from an older checkpoint's config, so runs saved before a new
+    option that keeps the old behaviour stay resumable."""
     dirs = step_dirs(Path(run) / "checkpoints")
     rid, passed_over = run_id(run, create=False), []
     for d in reversed(dirs):
@@ -245,7 +232,7 @@ def restore_newest(run: Path, model_cfg: dict, model: nn.Module, ema: nn.Module,
                 saved = json.loads((d / "config.json").read_text())["model"]
             except Exception as e:
                 raise CheckpointError(f"{d / 'config.json'}: unreadable ({type(e).__name__})") from None
-            saved = {**{k: v for k, v in _model_defaults().items() if k not in saved}, **saved}
+            saved = {**{k: v for k, v in (model_defaults or {}).items() if k not in saved}, **saved}
             if saved != model_cfg:
                 diff = sorted(k for k in saved.keys() | model_cfg.keys() if saved.get(k) != model_cfg.get(k))
                 raise CheckpointError(f"{d / 'config.json'}: another model config (differs in {', '.join(diff[:4])})")

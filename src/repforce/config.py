@@ -275,6 +275,11 @@ class Config:
         return json.loads(json.dumps(dataclasses.asdict(self)))  # JSON-native (tuples as lists), like a saved one
 
     @staticmethod
+    def model_defaults() -> dict:
+        """ModelConfig's defaults as config.json holds them: what a field missing from an older run reads as."""
+        return json.loads(json.dumps(dataclasses.asdict(ModelConfig())))
+
+    @staticmethod
     def from_json(d: dict) -> "Config":
         def build(cls, values):
             hints = typing.get_type_hints(cls)

@@ -4,6 +4,9 @@
     lmms-eval --model repforce --model_args pretrained=runs/s3 --tasks mme,pope --batch_size 16
     lmms-eval --model repforce --model_args pretrained=shapes,device=cpu --tasks TASK --include_path MY_TASKS
 
+`precision` (auto, fp32, bf16) is the Engine's: "auto" takes bf16 on a CPU with fast bf16 matmuls,
+where batched and one-at-a-time scores agree only to bf16's precision; pass precision=fp32 to compare.
+
 The package declares the entry point `lmms_eval.models: repforce` (pyproject.toml), through
 which lmms-eval finds the model by name; the class is also registered with lmms-eval's
 `@register_model("repforce")` when it is first built. It is a "simple" model in lmms-eval's
@@ -47,9 +50,10 @@ class Wrapper:
     is_simple = True  # lmms-eval: requests carry (context, ..., doc_to_visual, doc_id, task, split)
 
     def __init__(self, pretrained: str = "shapes", device: str = "cpu", batch_size: int | str = 16,
-                 max_new_tokens: int = 128, raw_weights: bool = False, max_batch_size: int | None = None) -> None:
+                 max_new_tokens: int = 128, raw_weights: bool = False, max_batch_size: int | None = None,
+                 precision: str = "auto") -> None:
         super().__init__()  # lmms-eval's base sets rank, world size and task_dict
-        self.engine = E.load(str(pretrained), device=str(device), ema=not raw_weights)
+        self.engine = E.load(str(pretrained), device=str(device), ema=not raw_weights, precision=str(precision))
         self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
         if self.batch_size < 1 or self.max_new_tokens < 1:

@@ -306,7 +306,8 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, minutes: float 
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=cfg.optim.betas, fused=False)
     step, spent = 0, {"wall_s": 0.0, "cpu_s": 0.0}  # time of the earlier legs of a resumed run
     try:
-        state, passed_over = checkpoint.restore_newest(out, cfg.to_json()["model"], model, ema, opt) if resume else (None, [])
+        state, passed_over = checkpoint.restore_newest(out, cfg.to_json()["model"], model, ema, opt,
+                                                           Config.model_defaults()) if resume else (None, [])
     except checkpoint.CheckpointError as e:
         raise RunError(f"--resume: {e}") from None
     if state is not None:
