@@ -33,7 +33,7 @@ from repforce.worlds import shapeseval
 
 
 def score(step_dir: Path, per_category: int, n: int, vqa_n: int, cap_n: int, oracle: bool, top_k: int) -> dict:
-    eng = load(step_dir)
+    eng = load(step_dir, precision="fp32")  # the same figures on every host (auto is bf16 on AMX/AVX512-BF16)
     row = {"variant": eng.cfg.variant}
     opts = GenOptions(rep_top_k=top_k)
     if eng.cfg.has_gen:

@@ -14,6 +14,9 @@ object count, and what a wrong answer names (the reference's own shape, another 
 N scenes, by how many distinct shapes the scene holds: with one or two, "the other object's shape" is
 right without reading the relation; with three it is a choice between two, so 0.5 is chance. Equal
 train and held-out figures say the model underfits relations rather than failing to generalise.
+--opposite N asks every relation question of the held-out scenes with three distinct shapes among the
+first N twice, as asked and with the opposite relation ("right of" for "left of"): a model that reads the
+relation changes its answer; `same_under_opposite` is how often it does not.
 """
 
 from __future__ import annotations
@@ -76,6 +79,28 @@ def relation_scenes(eng, ckpt: str, split: str, n_scenes: int) -> dict:
             "by": {k: [len(v), round(sum(v) / len(v), 3)] for k, v in sorted(hits.items())}}
 
 
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def opposite(eng, ckpt: str, n_scenes: int) -> dict:
+    """Relation questions of three-distinct-shape held-out scenes, asked as they are and with the opposite relation."""
+    items = []
+    for sc in shapes.scenes("heldout", 0, n_scenes):
+        if len({o.shape for o in sc.objects}) < 3:
+            continue
+        for q, a in shapes.questions(sc):
+            if shapes.is_relation(q):
+                rel = next(r for r in shapes.RELATIONS if q.startswith(f"{shapes.RELATION_PREFIX}{r} "))
+                items.append((sc, q, q.replace(rel, OPPOSITE[rel], 1), a))
+    images = [shapes.render(sc) for sc, *_ in items]
+    asked = eng.answer(images, [q for _, q, _, _ in items], max_new_tokens=4)
+    flipped = eng.answer(images, [q for _, _, q, _ in items], max_new_tokens=4)
+    n = len(items)
+    return {"bench": "vqa_relations_opposite", "ckpt": ckpt, "scenes": n_scenes, "questions": n,
+            "accuracy": round(sum(p.strip() == a for p, (*_, a) in zip(asked, items)) / n, 3),
+            "same_under_opposite": round(sum(p.strip() == f.strip() for p, f in zip(asked, flipped)) / n, 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ckpt", nargs="+", required=True, help="shipped model names, run folders or checkpoints")
@@ -85,6 +110,9 @@ def main() -> None:
     ap.add_argument("--relations", action="store_true", help="also the relation questions, by relation and object count")
     ap.add_argument("--relation-scenes", type=int, default=0,
                     help="also every relation question of the first N train and held-out scenes, by distinct shapes")
+    ap.add_argument("--opposite", type=int, default=0,
+                    help="also ask the relation questions of three-shape held-out scenes among the first N with the "
+                         "opposite relation: how often the answer stays the same")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -94,7 +122,7 @@ def main() -> None:
             if f.tell() == 0:
                 f.write("# .venv/bin/python " + " ".join(sys.argv) + "\n")
     for ckpt in args.ckpt:
-        eng = load(ckpt)
+        eng = load(ckpt, precision="fp32")  # the same answers on every host
         hits = defaultdict(list)
         for k in range(0, len(rows), 90):
             chunk = rows[k:k + 90]
@@ -106,6 +134,7 @@ def main() -> None:
         lines = [line] + ([relations(eng, str(ckpt))] if args.relations else [])
         lines += [relation_scenes(eng, str(ckpt), split, args.relation_scenes) for split in ("train", "heldout")
                   if args.relation_scenes]
+        lines += [opposite(eng, str(ckpt), args.opposite)] if args.opposite else []
         for line in lines:
             print(json.dumps(line))
             if args.out:

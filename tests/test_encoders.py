@@ -43,6 +43,31 @@ def test_shipped_encoder_has_its_checksum_and_a_readable_probe():
     assert acc["color"] >= 0.95 and acc["shape"] >= 0.95, acc
 
 
+def test_the_probe_reads_position_where_the_features_carry_it():
+    """targets row/column: features that are the patch's own index read at 1.0; features blind to where the patch
+    sits (its pixels' mean color) read its row near chance (1/8), however well they read color."""
+
+    class Stub(torch.nn.Module):
+        grid = 8
+
+        def __init__(self, where: bool):
+            super().__init__()
+            self.where = where
+
+        def forward(self, x):
+            n = x.shape[0]
+            if self.where:
+                f = torch.eye(64).expand(n, -1, -1)
+            else:
+                f = torch.nn.functional.avg_pool2d(x, 4).flatten(2).transpose(1, 2)  # (n, 64, 3)
+            return f, f
+
+    kw = dict(n_train=60, n_test=30, steps=100, targets=("row", "column"))
+    assert encoders.probe(Stub(True), **kw) == {"row": 1.0, "row_all": 1.0, "column": 1.0, "column_all": 1.0}
+    blind = encoders.probe(Stub(False), **kw)
+    assert blind["row_all"] < 0.3 and blind["column_all"] < 0.3, blind
+
+
 def test_a_tampered_encoder_is_refused(tmp_path):
     d = tmp_path / "enc"
     shutil.copytree(SHIPPED, d)
@@ -68,8 +93,12 @@ def test_the_shapes_model_starts_from_it_and_a_wrong_shape_is_named():
         pretrained.load_world_encoder(model, "shapes_encoder", world="fashion")
 
 
-def test_the_shapes_preset_is_recipe_v6_and_v1_to_v5_stay_as_recorded():
-    v6, v6vlm = preset("shapes", "pixel_rf"), preset("shapes", "vlm")
+def test_the_shapes_preset_is_recipe_v7_and_v1_to_v6_stay_as_recorded():
+    v7, v7vlm = preset("shapes", "pixel_rf"), preset("shapes", "vlm")
+    assert v7.recipe == "shapes-v7" and C.Config.from_json(v7.to_json()).recipe == "shapes-v7"
+    v6, v6vlm = preset("shapes_v6", "pixel_rf"), preset("shapes_v6", "vlm")
+    assert (v7.data.relation_scenes, v7vlm.data.relation_scenes, v6.data.relation_scenes) == (0.5, 0.5, 0.0)
+    assert v7.model == v6.model and v7.train == v6.train and replace(v7.data, relation_scenes=0.0) == v6.data
     assert v6.recipe == "shapes-v6" and C.Config.from_json(v6.to_json()).recipe == "shapes-v6"
     assert (v6.data.relation_turns, v6vlm.data.relation_turns) == (3, 3)  # v6: relation questions first
     v5, v5vlm = preset("shapes_v5", "pixel_rf"), preset("shapes_v5", "vlm")

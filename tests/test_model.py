@@ -302,6 +302,30 @@ def test_2d_understanding_rope_puts_encoder_tokens_on_their_grid_and_is_off_by_d
         tiny_model("vlm", und_rope="2d")
 
 
+def test_understanding_position_table_is_added_to_the_encoder_tokens_and_off_by_default():
+    """model.und_pos="sincos": a learned table, one row per encoder patch, starting as a 2D sin-cos of RMS 1, added
+    to the connector's output (a smaller image takes its grid's top-left); "none" (the default) adds nothing, and a
+    vlm checkpoint without the table starts a model with one (init_from_vlm: the table is fresh)."""
+    from repforce.pretrained import init_from_vlm
+
+    torch.manual_seed(0)
+    plain = RFModel(tiny_model("vlm"))
+    assert not hasattr(plain, "und_pos")
+    with_pos = RFModel(tiny_model("vlm", und_pos="sincos"))  # 16 x 16 image, 4-px patches: a 4 x 4 grid
+    report = init_from_vlm(with_pos, plain.state_dict())
+    assert report["fresh"] == ["und_pos"]
+    table = with_pos.und_pos.detach()
+    assert table.shape == (16, with_pos.cfg.dim) and abs(table.pow(2).mean().sqrt().item() - 1.0) < 1e-4
+    assert len({tuple(r.tolist()) for r in table}) == 16  # every patch its own position
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(with_pos.embed_image(x) - plain.embed_image(x), table.expand(2, -1, -1), atol=1e-5)
+        small = with_pos.embed_image(x[..., :8, :8]) - plain.embed_image(x[..., :8, :8])  # a 2 x 2 grid
+    assert torch.allclose(small[0], table.view(4, 4, -1)[:2, :2].reshape(4, -1), atol=1e-5)
+    with pytest.raises(ValueError, match="model.und_pos='learned': must be none or sincos"):
+        tiny_model("vlm", und_pos="learned")
+
+
 def test_2d_image_rope_puts_each_patch_beside_its_rep_cell_and_leaves_text_1d():
     from repforce.backbone import rope_cos_sin
     from repforce.positions import image_rope_positions

@@ -4,7 +4,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from repforce.config import DataConfig
+from repforce.config import Config, DataConfig, validate
 from repforce.data import sample_at
 from repforce.worlds import shapes as world
 
@@ -110,7 +110,7 @@ def test_canvas_64():
 
 
 def test_qa_turns_ask_several_questions_of_one_image(world_tok):
-    from repforce.config import DataConfig
+    from repforce.config import Config, DataConfig, validate
     from repforce.data import sample_at
     from repforce.sequence import CAPTION_QUESTION, Layout, collate_samples
     one, many = DataConfig(gen_fraction=0.0), DataConfig(gen_fraction=0.0, qa_turns=6)
@@ -135,7 +135,7 @@ def test_qa_turns_ask_several_questions_of_one_image(world_tok):
 
 
 def test_drop_both_trains_the_pixel_guidance_branch():
-    from repforce.config import DataConfig
+    from repforce.config import Config, DataConfig, validate
     from repforce.data import sample_at
 
     def both(**kw):
@@ -187,3 +187,29 @@ def test_relation_turns_put_relation_questions_first():
         assert all(world.is_relation(q) for q, _ in turns_b[:min(n_b, 2)])  # and they come first
         asked_base, asked_boosted = asked_base + n_a, asked_boosted + n_b
     assert asked_boosted > 1.5 * asked_base > 0  # the boost is real on this stream
+
+
+def test_relation_decides_only_where_the_other_objects_differ_in_shape():
+    S = world.Obj
+    scene = world.Scene((S("circle", "red", "small", 16, 16), S("square", "blue", "small", 6, 16),
+                         S("triangle", "green", "small", 26, 16)))
+    qa = dict(world.questions(scene))
+    assert qa["what shape is left of the red circle?"] == "square" and qa["what shape is right of the red circle?"] == "triangle"
+    assert world.relation_decides(scene, "what shape is left of the red circle?")
+    two = world.Scene((S("circle", "red", "small", 16, 16), S("square", "blue", "small", 6, 16),
+                       S("square", "green", "small", 26, 16)))
+    assert not world.relation_decides(two, "what shape is left of the red circle?")  # "a square" either way
+
+
+def test_relation_scenes_ask_what_only_the_relation_decides_first():
+    base = DataConfig(qa_turns=8, gen_fraction=0.0, relation_turns=3)
+    on = replace(base, relation_scenes=1.0)
+    for j in range(120):  # every image has such a question and asks it first
+        s = sample_at(on, j)
+        assert world.is_relation(s.prompt), s.prompt
+    half = replace(base, relation_scenes=0.5)
+    drawn = sum(world.is_relation(sample_at(half, j).prompt) for j in range(300))
+    plain = sum(world.is_relation(sample_at(base, j).prompt) for j in range(300))
+    assert drawn > plain + 60  # about half the images now lead with one
+    with pytest.raises(ValueError, match="data.relation_scenes"):
+        validate(Config(data=replace(base, relation_scenes=1.5)))

@@ -170,7 +170,7 @@ def _need_fashion() -> None:
 
 def _engine(args):
     try:
-        return E.load(args.ckpt, ema=not args.raw_weights)
+        return E.load(args.ckpt, ema=not args.raw_weights, precision=getattr(args, "precision", "auto"))
     except E.InferenceError as e:
         raise UserError(str(e)) from None
 
@@ -377,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n", type=int, default=300, help="held-out questions")
     ev.add_argument("--captions", type=int, default=0, help="also caption this many held-out scenes")
     ev.add_argument("--raw-weights", dest="raw_weights", action="store_true")
+    ev.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                    help="auto: bf16 where this CPU's bf16 matmuls are fast; fp32 for figures comparable across hosts")
     ev.set_defaults(func=cmd_eval_vqa)
 
     ef = e.add_parser("fashion", help="class accuracy, Frechet distance (judge features) and VQA on Fashion-MNIST")

@@ -67,6 +67,9 @@ class ModelConfig:
     und_rope: str = "1d"  # RoPE of an understanding image's encoder tokens: "1d" raster positions, or "2d" (needs
     # image_rope="2d"): (t, h, w) with h, w the token's place on the encoder grid, as Qwen2-VL's M-RoPE places image
     # tokens (positions.image_rope_positions); text keeps its 1D positions either way
+    und_pos: str = "none"  # absolute position of an understanding image's encoder tokens, added after the
+    # connector: "none", or "sincos": a learned table (one row per encoder patch) that starts as a 2D sin-cos of RMS 1,
+    # so the tokens' values, not only their RoPE'd keys, say where each patch sits (relation questions)
     pos_init: str = "normal"  # gen_pos / rep_pos at init: "normal" (std 0.02) or "sincos" (2D sin-cos on one
     # grid, each rep cell at the centre of the gen patches it covers: model.grid_sincos)
     rep_pool: int = 2  # rep cell = rep_pool x rep_pool encoder patches, average pooled
@@ -115,6 +118,7 @@ class ModelConfig:
         check(self.image_rope in ("1d", "2d"), "image_rope", "must be 1d or 2d")
         check(self.und_rope in ("1d", "2d"), "und_rope", "must be 1d or 2d")
         check(self.und_rope == "1d" or self.image_rope == "2d", "und_rope", "2d needs model.image_rope=2d")
+        check(self.und_pos in ("none", "sincos"), "und_pos", "must be none or sincos")
         check(self.pos_init in POS_INITS, "pos_init", f"must be one of {POS_INITS}")
         check(self.rep_balance in BALANCES, "rep_balance", f"must be one of {BALANCES}")
         check(self.rep_init in INITS, "rep_init", f"must be one of {INITS}")
@@ -182,6 +186,9 @@ class DataConfig:
     # confusable pair (absent, its shape or its color in the scene; shapes.confusable, shapes.train_questions)
     relation_turns: int = 0  # shapes, qa_turns > 1: of an image's turns, up to this many are its relation questions
     # ("what shape is left of the red circle?"), drawn first; the rest as before (data.sample_at)
+    relation_scenes: float = 0.0  # shapes, training: share of understanding samples whose scene is drawn (from the
+    # train stream) among those with a relation question only its relation decides (shapes.relation_decides), asked
+    # first with the rest of its turns as before: "left of" and "right of" the same object then differ in answer
     seed: int = 0  # data seed: which slice of the train stream a run sees
 
 
@@ -337,7 +344,8 @@ def validate(cfg: Config) -> Config:
          "must be cpu, cuda, cuda:N or auto")
     need(m.image_size % m.gen_patch == 0 or not m.variant.startswith("pixel"), "model.image_size", m.image_size,
          f"not divisible by model.gen_patch={m.gen_patch}")
-    for name in ("gen_fraction", "prompt_fraction", "caption_fraction", "drop_text", "drop_rep", "drop_both", "fashion_pairs", "hard_negatives"):
+    for name in ("gen_fraction", "prompt_fraction", "caption_fraction", "drop_text", "drop_rep", "drop_both", "fashion_pairs", "hard_negatives",
+                 "relation_scenes"):
         v = getattr(d, name)
         need(0 <= v <= 1, f"data.{name}", v, "must be in [0, 1]")
     need(d.qa_turns >= 1, "data.qa_turns", d.qa_turns, "must be >= 1")

@@ -42,19 +42,36 @@ def sample_at(cfg: DataConfig, j: int, gen_fraction: float | None = None) -> Sam
         drop_text, drop_rep = guidance_drops(cfg, rng)
         return Sample(True, shapes.render(scene), "" if drop_text else text, "", drop_rep)
     scene = shapes.sample_scene(seed, cfg.canvas)
-    if rng.random() < cfg.caption_fraction:
+    decides = cfg.relation_scenes > 0 and rng.random() < cfg.relation_scenes  # draws nothing when it is 0
+    if decides:
+        scene = relation_scene(cfg, j, seed)
+    if not decides and rng.random() < cfg.caption_fraction:
         q, a = CAPTION_QUESTION, shapes.caption(scene)
     else:
         qa = shapes.train_questions(scene, rng, cfg.hard_negatives)  # draws nothing when hard_negatives is 0
         if cfg.qa_turns > 1:
             order = list(rng.permutation(len(qa)))
-            if cfg.relation_turns:  # up to relation_turns relation questions first, the rest as drawn
+            if decides:  # the questions only their relation decides first, then the rest as drawn
+                first = [k for k in order if shapes.is_relation(qa[k][0]) and shapes.relation_decides(scene, qa[k][0])]
+                order = first + [k for k in order if k not in first]
+            elif cfg.relation_turns:  # up to relation_turns relation questions first, the rest as drawn
                 rel = [k for k in order if shapes.is_relation(qa[k][0])][:cfg.relation_turns]
                 order = rel + [k for k in order if k not in rel]
             (q, a), *more = [qa[k] for k in order[:cfg.qa_turns]]
             return Sample(False, shapes.render(scene), q, a, more=tuple(more))
         q, a = qa[rng.integers(len(qa))]
     return Sample(False, shapes.render(scene), q, a)
+
+
+def relation_scene(cfg: DataConfig, j: int, seed: int, tries: int = 200) -> shapes.Scene:
+    """The first train-stream scene from `seed` on (seeds a fixed stride apart, a pure function of the
+    sample) that has a relation question only its relation decides (about 38% of scenes have one)."""
+    for k in range(tries):
+        s = seed if k == 0 else shapes.scene_seed("train", (cfg.seed * 100_000_007 + j + k * 1_000_003) % shapes.HELDOUT_BASE)
+        scene = shapes.sample_scene(s, cfg.canvas)
+        if any(shapes.is_relation(q) and shapes.relation_decides(scene, q) for q, _ in shapes.questions(scene)):
+            return scene
+    return scene  # not reached in practice: the last one drawn, with whatever questions it has
 
 
 class WorldStream:

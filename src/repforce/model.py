@@ -130,6 +130,8 @@ class RFModel(nn.Module):
             self.lm_head.weight = self.backbone.embed_tokens.weight
         self.encoder = build_encoder(cfg)
         self.connector = Connector(De, D)
+        if cfg.und_pos != "none":  # learned absolute position of the understanding image's encoder tokens
+            self.und_pos = nn.Parameter(torch.zeros((cfg.image_size // cfg.enc_patch) ** 2, D))
         if cfg.needs_ema_encoder:
             self.ema_encoder = copy.deepcopy(self.encoder).requires_grad_(False)  # updated by update_ema_encoder()
             if cfg.rep_center:
@@ -180,6 +182,9 @@ class RFModel(nn.Module):
         for name in ("gen_pos", "rep_pos", "null_rep"):
             if hasattr(self, name):
                 nn.init.normal_(getattr(self, name), std=std)
+        if hasattr(self, "und_pos"):  # the scale of the connector's output is about 4 in a trained vlm
+            side = self.cfg.image_size // self.cfg.enc_patch
+            self.und_pos.copy_(grid_sincos(self.cfg.dim, side, side, scale=1.0))
         if self.cfg.pos_init == "sincos":
             c, side = self.cfg, self.cfg.gen_size // self.cfg.gen_patch
             if hasattr(self, "gen_pos"):
@@ -223,8 +228,12 @@ class RFModel(nn.Module):
         return self.backbone.embed_tokens(tokens)
 
     def embed_image(self, images: torch.Tensor) -> torch.Tensor:
-        """Understanding input: (B, C, H, W) -> connector(normed encoder features) (B, E, D)."""
-        return self.connector(self.encoder(images)[1])
+        """Understanding input: (B, C, H, W) -> connector(normed encoder features) (B, E, D), plus und_pos (the
+        top-left of its grid for a smaller image) where the model has one."""
+        x = self.connector(self.encoder(images)[1])
+        if hasattr(self, "und_pos"):
+            x = x + crop_grid(self.und_pos, math.isqrt(x.shape[1])).to(x.dtype)
+        return x
 
     def embed_rep(self, values: torch.Tensor, start: int = 0, drop: torch.Tensor | None = None,
                   cells: int | None = None) -> torch.Tensor:

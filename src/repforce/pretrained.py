@@ -396,7 +396,7 @@ def init_from_vlm(model, state_dict: Mapping[str, torch.Tensor]) -> dict[str, li
     return report
 
 
-_GRIDS = ("gen_pos", "rep_pos", "encoder.pos_embed")  # learned 2D position tables, one row per grid cell
+_GRIDS = ("gen_pos", "rep_pos", "und_pos", "encoder.pos_embed")  # learned 2D position tables, one row per grid cell
 
 
 def _resize_grid(table: torch.Tensor, shape: torch.Size) -> torch.Tensor:

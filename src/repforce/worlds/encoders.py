@@ -87,12 +87,17 @@ class Heads(nn.Module):
         return {k: h(feats) for k, h in self.heads.items()}
 
 
+POSITION = ("row", "column")  # probe targets read off the patch index, not the scene
+
+
 def probe(encoder: ImageEncoder, n_train: int = 1500, n_test: int = 500, steps: int = 300, seed: int = 0,
-          normed: bool = True) -> dict:
+          normed: bool = True, targets: tuple[str, ...] = ("color", "shape")) -> dict:
     """A fresh linear probe on the frozen patch features, the encoder's output (normed, what the connector
     reads) or with normed=False the features before the final norm (what rep tokens quantize): trained on
     train-stream scenes, accuracy on held-out ones, on the cells an object covers (>= UNDER of them) and
-    on all cells. Returns {"color": .., "shape": .., "color_all": .., "shape_all": ..}."""
+    on all cells. Returns {"color": .., "shape": .., "color_all": .., "shape_all": ..}. targets may also name
+    "row" and "column", the patch's place on the encoder grid: how much absolute position the features carry
+    (scored on the cells an object covers, and on all)."""
     torch.manual_seed(seed)
     grid = encoder.grid
     encoder.eval()
@@ -101,6 +106,8 @@ def probe(encoder: ImageEncoder, n_train: int = 1500, n_test: int = 500, steps: 
         x, y = scene_batch(split, 10_000_000 if split == "train" else 0, n, grid)
         with torch.no_grad():
             f = torch.cat([encoder(x[i:i + 250])[int(normed)] for i in range(0, n, 250)])  # (n, N, D)
+        idx = torch.arange(grid * grid).expand(n, -1)
+        y = {**y, "row": idx // grid, "column": idx % grid}
         return f.reshape(-1, f.shape[-1]), {k: v.reshape(-1) for k, v in y.items()}
 
     f_tr, y_tr = feats("train", n_train)
@@ -108,8 +115,8 @@ def probe(encoder: ImageEncoder, n_train: int = 1500, n_test: int = 500, steps: 
     mu, sd = f_tr.mean(0), f_tr.std(0) + 1e-6
     f_tr, f_te = (f_tr - mu) / sd, (f_te - mu) / sd
     out = {}
-    for head in ("color", "shape"):
-        lin = nn.Linear(f_tr.shape[1], HEADS[head])
+    for head in targets:
+        lin = nn.Linear(f_tr.shape[1], grid if head in POSITION else HEADS[head])
         opt = torch.optim.Adam(lin.parameters(), lr=1e-2)
         for _ in range(steps):  # full-batch: the features fit in memory
             loss = F.cross_entropy(lin(f_tr), y_tr[head])
@@ -118,7 +125,7 @@ def probe(encoder: ImageEncoder, n_train: int = 1500, n_test: int = 500, steps: 
             opt.step()
         with torch.no_grad():
             right = lin(f_te).argmax(-1) == y_te[head]
-        covered = y_te[head] > 0
+        covered = y_te["color"] > 0
         out[head] = float(right[covered].float().mean())
         out[f"{head}_all"] = float(right.float().mean())
     return out
