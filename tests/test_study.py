@@ -1,6 +1,7 @@
 import json
 import runpy
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 from PIL import Image
 
 from repforce.study import ablation as study
-from repforce.study.report import read_log
+from repforce.study.report import loss_figure, read_log
 from repforce.study.results import (
     group,
     judging_noise,
@@ -194,3 +195,17 @@ def test_full_plan_is_seed_major_with_the_extra_seeds_last():
     assert names[:6] == first and len(names) == len(set(names)) == 18
     assert names[-4:] == ["pixel_rf_K64_s0", "pixel_rf_K1024_s0", "pixel_cont_s1", "pixel_cont_s2"]
     assert [r["name"] for r in study.plan(study.BUDGETS["quick"])][-1] == "pixel_rf_K1024_s0"  # as recorded
+
+
+def test_loss_figure_keeps_a_term_that_is_zero_throughout_linear(tmp_path):
+    """A generation-only run logs loss_lm = 0 at every step: its panel stays linear (a log axis has nothing to
+    show and matplotlib warns), while a positive loss gets its log axis."""
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": s, "loss_fm": 1.0 / s, "loss_lm": 0.0} for s in (10, 20, 30)]
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = loss_figure({"gen_only": run})
+    scales = {ax.get_title(): ax.get_yscale() for ax in fig.axes}
+    assert scales == {"loss_fm": "log", "loss_lm": "linear"}

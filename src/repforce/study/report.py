@@ -75,14 +75,17 @@ def loss_figure(runs: dict[str, Path]):
         return fig
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 2.8), squeeze=False)
     for ax, term in zip(axes[0], panels):
+        positive = False
         for name, rows in logs.items():
             pts = [(r["step"], r[term]) for r in rows if term in r]
             if pts:
                 s, v = zip(*pts)
                 ax.plot(s, v, label=name, lw=1.2, color=f"C{list(logs).index(name)}")
+                positive = positive or max(v) > 0
         ax.set_title(term)
         ax.set_xlabel("step")
-        if term.startswith("loss") and term != "loss_repa":  # REPA's loss is a negative cosine
+        # REPA's loss is a negative cosine; a term that is 0 throughout (L_LM of a generation-only run) stays linear
+        if term.startswith("loss") and term != "loss_repa" and positive:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     handles = {}
