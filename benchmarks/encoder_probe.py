@@ -13,10 +13,9 @@ model.und_pos). One JSON line per encoder, appended, after the command as a comm
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
 import torch
+from jsonl_log import emit, start  # benchmarks/ (this script's folder)
 
 from repforce import pretrained
 from repforce.encoder import ImageEncoder
@@ -33,10 +32,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.out:
-        with open(args.out, "a") as f:
-            if f.tell() == 0:
-                f.write("# .venv/bin/python " + " ".join(sys.argv) + "\n")
+    start(args.out)
     for name in args.encoder:
         state, meta = pretrained.world_encoder_state(name)
         e = meta["encoder"]
@@ -45,10 +41,7 @@ def main() -> None:
         acc = encoders.probe(enc, args.train, args.test, targets=("color", "shape", *encoders.POSITION))
         line = {"bench": "encoder_probe", "encoder": str(name), "version": meta.get("version"),
                 "train_scenes": args.train, "heldout_scenes": args.test, **{k: round(v, 3) for k, v in acc.items()}}
-        print(json.dumps(line))
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(line) + "\n")
+        emit(line, args.out)
 
 
 if __name__ == "__main__":

@@ -22,11 +22,10 @@ relation changes its answer; `same_under_opposite` is how often it does not.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from collections import defaultdict
 
 import torch
+from jsonl_log import emit, start  # benchmarks/ (this script's folder)
 
 from repforce.engine import load
 from repforce.worlds import metrics, shapes
@@ -90,7 +89,7 @@ def opposite(eng, ckpt: str, n_scenes: int) -> dict:
             continue
         for q, a in shapes.questions(sc):
             if shapes.is_relation(q):
-                rel = next(r for r in shapes.RELATIONS if q.startswith(f"{shapes.RELATION_PREFIX}{r} "))
+                rel = shapes.relation_parts(q)[0]
                 items.append((sc, q, q.replace(rel, OPPOSITE[rel], 1), a))
     images = [shapes.render(sc) for sc, *_ in items]
     asked = eng.answer(images, [q for _, q, _, _ in items], max_new_tokens=4)
@@ -117,10 +116,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = groups(args.scenes)
-    if args.out:
-        with open(args.out, "a") as f:
-            if f.tell() == 0:
-                f.write("# .venv/bin/python " + " ".join(sys.argv) + "\n")
+    start(args.out)
     for ckpt in args.ckpt:
         eng = load(ckpt, precision="fp32")  # the same answers on every host
         hits = defaultdict(list)
@@ -136,10 +132,7 @@ def main() -> None:
                   if args.relation_scenes]
         lines += [opposite(eng, str(ckpt), args.opposite)] if args.opposite else []
         for line in lines:
-            print(json.dumps(line))
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(line) + "\n")
+            emit(line, args.out)
 
 
 if __name__ == "__main__":

@@ -41,10 +41,8 @@ def sample_at(cfg: DataConfig, j: int, gen_fraction: float | None = None) -> Sam
             text = shapes.caption(scene)
         drop_text, drop_rep = guidance_drops(cfg, rng)
         return Sample(True, shapes.render(scene), "" if drop_text else text, "", drop_rep)
-    scene = shapes.sample_scene(seed, cfg.canvas)
     decides = cfg.relation_scenes > 0 and rng.random() < cfg.relation_scenes  # draws nothing when it is 0
-    if decides:
-        scene = relation_scene(cfg, j, seed)
+    scene = relation_scene(cfg, j, seed) if decides else shapes.sample_scene(seed, cfg.canvas)
     if not decides and rng.random() < cfg.caption_fraction:
         q, a = CAPTION_QUESTION, shapes.caption(scene)
     else:
@@ -67,8 +65,9 @@ def relation_scene(cfg: DataConfig, j: int, seed: int, tries: int = 200) -> shap
     """The first train-stream scene from `seed` on (seeds a fixed stride apart, a pure function of the
     sample) that has a relation question only its relation decides (about 38% of scenes have one)."""
     for k in range(tries):
-        s = seed if k == 0 else shapes.scene_seed("train", (cfg.seed * 100_000_007 + j + k * 1_000_003) % shapes.HELDOUT_BASE)
-        scene = shapes.sample_scene(s, cfg.canvas)
+        if k:
+            seed = shapes.scene_seed("train", (cfg.seed * 100_000_007 + j + k * 1_000_003) % shapes.HELDOUT_BASE)
+        scene = shapes.sample_scene(seed, cfg.canvas)
         if any(shapes.is_relation(q) and shapes.relation_decides(scene, q) for q, _ in shapes.questions(scene)):
             return scene
     return scene  # not reached in practice: the last one drawn, with whatever questions it has

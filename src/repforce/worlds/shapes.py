@@ -304,11 +304,17 @@ def confusable(scene: Scene) -> list[tuple[str, str]]:
     return [(c, s) for c in COLORS for s in SHAPES if (s in shapes_ or c in colors) and (c, s) not in present]
 
 
+def relation_parts(question: str) -> tuple[str, str]:
+    """(relation, reference) of a relation question: ("left of", "red circle") for "what shape is left of
+    the red circle?"."""
+    rel = next(r for r in RELATIONS if question.startswith(f"{RELATION_PREFIX}{r} the "))
+    return rel, question[len(f"{RELATION_PREFIX}{rel} the "):-1]
+
+
 def relation_decides(scene: Scene, question: str) -> bool:
     """Whether a relation question of questions(scene) needs its relation: the objects other than its
     reference do not all share one shape, so "the other object's shape" does not answer it."""
-    rel = next(r for r in RELATIONS if question.startswith(f"{RELATION_PREFIX}{r} the "))
-    ref = question[len(f"{RELATION_PREFIX}{rel} the "):-1]
+    ref = relation_parts(question)[1]
     return len({o.shape for o in scene.objects if f"{o.color} {o.shape}" != ref}) > 1
 
 
