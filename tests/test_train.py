@@ -233,6 +233,41 @@ def test_kmeans_codebook_is_fitted_before_the_first_step_and_never_moves(tmp_pat
         assert vals[0].abs().sum() > 0 and all(torch.equal(vals[0], v) for v in vals[1:]), name
 
 
+def test_rep_embed_from_the_connector_is_the_mean_understanding_input_of_each_code():
+    """model.rep_embed_init=connector: after the k-means fit, row k of the rep id table is the mean over the
+    fit's cells of code k of the understanding path's input to the backbone (cell-averaged), checked cell by cell
+    against a loop; a code no cell chose keeps its row; and the option refuses a codebook not fitted to data."""
+    from repforce.model import RFModel
+    from repforce.quantizer import pool2x2
+    from repforce.train import embed_codes, fit_quantizer
+
+    cfg = C.validate(tiny_run("pixel_rf", "model.rep_init=kmeans", "model.rep_embed_init=connector",
+                              "model.rep_balance=none", "model.codebook_size=8"))
+    torch.manual_seed(0)
+    model = RFModel(cfg.model)
+    side = cfg.model.image_size
+    batches = [{"images": torch.rand(4, 3, side, side) * 2 - 1} for _ in range(3)]
+    before = model.rep_embed.weight.detach().clone()
+    stats = fit_quantizer(model, batches, cfg.model.rep_pool)
+    images = torch.cat([b["images"] for b in batches])
+    pooled = pool2x2(model.target_features(images), cfg.model.rep_pool)
+    ids = (torch.nn.functional.normalize(pooled, dim=-1) @ model.quantizer.prototypes.T).argmax(-1)  # (n, M)
+    seen = pool2x2(model.embed_image(images), cfg.model.rep_pool)  # (n, M, D)
+    used = 0
+    for k in range(cfg.model.codebook_size):
+        cells = [seen[i, j] for i in range(ids.shape[0]) for j in range(ids.shape[1]) if ids[i, j] == k]
+        want = torch.stack(cells).mean(0) if cells else before[k]
+        used += bool(cells)
+        torch.testing.assert_close(model.rep_embed.weight[k], want, atol=1e-5, rtol=1e-4)
+    assert stats["rep_embed_from_connector"] == used == cfg.model.codebook_size  # k-means leaves no code empty
+    model.quantizer.prototypes[1] = model.quantizer.prototypes[0]  # ties go to code 0: code 1 gets no cell
+    row = model.rep_embed.weight[1].detach().clone()
+    assert embed_codes(model, batches, pooled, cfg.model.rep_pool) == cfg.model.codebook_size - 1
+    assert torch.equal(model.rep_embed.weight[1], row)
+    with pytest.raises(ValueError, match="rep_embed_init.*kmeans"):
+        C.validate(tiny_run("pixel_rf", "model.rep_init=random", "model.rep_embed_init=connector"))
+
+
 def _poison(monkeypatch, bad_calls):
     """RFModel.forward returns a NaN loss on the given (1-based) calls; the rest are untouched."""
     from repforce.model import RFModel

@@ -79,6 +79,9 @@ class ModelConfig:
     rep_balance: str = "softmax"  # "softmax" (as printed), "sinkhorn" (SwAV) or "none"
     rep_sinkhorn_iters: int = 1  # Sinkhorn iterations when rep_balance="sinkhorn"
     rep_init: str = "random"  # prototypes: "random" unit vectors or "data" (features of the first batch)
+    rep_embed_init: str = "normal"  # rep id input table: "normal" (std 0.02, a new parameter), or "connector": with
+    # rep_init="kmeans", row k = the mean of what the understanding path (encoder, connector) gives the backbone for the
+    # cells of code k in the fit's images, so a rep token means to the stage-1 backbone what it saw (train.fit_quantizer)
     rep_balance_stats: str = "batch"  # column sums of balancing: "batch" (as printed) or "running" (quantizer.py)
     rep_dead_after: int = 100  # updates without assignment before a prototype is re-seeded; 0 = never
     rep_center: bool = True  # subtract a running mean of the target features before cosines (quantizer.FeatureCenter)
@@ -122,6 +125,9 @@ class ModelConfig:
         check(self.pos_init in POS_INITS, "pos_init", f"must be one of {POS_INITS}")
         check(self.rep_balance in BALANCES, "rep_balance", f"must be one of {BALANCES}")
         check(self.rep_init in INITS, "rep_init", f"must be one of {INITS}")
+        check(self.rep_embed_init in ("normal", "connector"), "rep_embed_init", "must be normal or connector")
+        check(self.rep_embed_init == "normal" or self.rep_init == "kmeans", "rep_embed_init",
+              "connector needs model.rep_init=kmeans (the codes are fitted to data before training)")
         check(self.rep_balance_stats in STATS, "rep_balance_stats", f"must be one of {STATS}")
         check(0 <= self.encoder_ema <= 1, "encoder_ema", "must be in [0, 1] (1 = frozen target encoder)")
         check(0 <= self.repa_layer < self.n_layers, "repa_layer", f"must be in [0, n_layers={self.n_layers})")

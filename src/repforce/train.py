@@ -284,12 +284,34 @@ def fit_quantizer(model: RFModel, batches: list[dict], rep_pool: int) -> dict:
         model.feat_center.mean.copy_(raw.reshape(-1, raw.shape[-1]).mean(0))
         model.feat_center.ready.fill_(1.0)
         raw = raw - model.feat_center.mean
-    stats = model.quantizer.fit(pool2x2(raw, rep_pool))
+    pooled = pool2x2(raw, rep_pool)  # (n, M, De)
+    stats = model.quantizer.fit(pooled)
     if runtime.world_size() > 1:
         own = float(runtime.rank() == 0)
         for buf in [model.quantizer.prototypes] + ([model.feat_center.mean] if hasattr(model, "feat_center") else []):
             buf.copy_(runtime.all_sum(buf * own))
+    if model.cfg.rep_embed_init == "connector":
+        stats["rep_embed_from_connector"] = embed_codes(model, batches, pooled, rep_pool)
     return stats
+
+
+@torch.no_grad()
+def embed_codes(model: RFModel, batches: list[dict], pooled: torch.Tensor, rep_pool: int) -> int:
+    """model.rep_embed_init="connector": row k of the rep id table <- the mean, over the cells of these images
+    whose pooled target feature (pooled (n, M, De)) is nearest prototype k, of what the understanding path gives
+    the backbone for that cell (embed_image: encoder, connector; averaged over the cell's patches). A stage-1
+    backbone then reads a rep token as it reads the part of an image it stands for. Codes no cell chose keep
+    their init. Returns how many rows were set; rank 0's table is copied to every rank, as the codebook."""
+    ids = (F.normalize(pooled.float(), dim=-1) @ model.quantizer.prototypes.T).argmax(-1).flatten()  # (n M,)
+    seen = torch.cat([pool2x2(model.embed_image(b["images"]).float(), rep_pool) for b in batches])  # (n, M, D)
+    w = model.rep_embed.weight
+    sums = torch.zeros(w.shape, dtype=torch.float32, device=seen.device).index_add_(0, ids, seen.flatten(0, 1))
+    counts = torch.bincount(ids, minlength=w.shape[0])
+    table = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], w.detach().float())
+    if runtime.world_size() > 1:
+        table = runtime.all_sum(table * float(runtime.rank() == 0))
+    w.copy_(table.to(w.dtype))
+    return int((counts > 0).sum())
 
 
 def _train(cfg: Config, out: Path, resume: bool, progress: bool, minutes: float | None, rt) -> dict:
