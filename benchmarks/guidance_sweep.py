@@ -4,6 +4,8 @@ JSON object per (run, weight): ShapesEval overall and per category.
     .venv/bin/python benchmarks/guidance_sweep.py --runs runs/study/full/pixel_s0 runs/study/full/pixel_rf_s0 --cfg 1 3
     .venv/bin/python benchmarks/guidance_sweep.py --runs runs/dx/B/checkpoints/step_00000560 --cfg 1 3 --rep-cfg 1 2 \
         --n 2 --out docs/results/bench/demo_guidance.jsonl      # every (cfg, rep-cfg) pair
+    .venv/bin/python benchmarks/guidance_sweep.py --runs RUN --cfg 3 --per-category 10 --n 2 \
+        --samplers "" steps=2 shift=3 rep_top_k=8 steps=50,solver=heun   # other sampler settings, same images
 
 The study samples every variant at the paper's weight (3.0). On `pixel` that empties
 one-object canvases (docs/results/findings.md), so the study's absolute scores sit below
@@ -37,6 +39,20 @@ def digest(images: dict) -> str:
     return h.hexdigest()[:16]
 
 
+SAMPLER_FIELDS = {"steps": int, "solver": str, "shift": float, "rep_temperature": float, "rep_top_k": int}
+
+
+def sampler(spec: str) -> dict:
+    """"steps=50,solver=heun" -> {"steps": 50, "solver": "heun"}; "" -> {}. Exits naming a field it does not know."""
+    out = {}
+    for part in filter(None, spec.split(",")):
+        key, _, value = part.partition("=")
+        if key not in SAMPLER_FIELDS or not value:
+            sys.exit(f"guidance_sweep: --samplers {spec!r}: expected KEY=VALUE with KEY one of {', '.join(SAMPLER_FIELDS)}")
+        out[key] = SAMPLER_FIELDS[key](value)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", nargs="+", required=True, help="trained run folders")
@@ -45,21 +61,27 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=4, help="images per prompt (the study: 4)")
     ap.add_argument("--rep-cfg", dest="rep_cfg", nargs="+", type=float, default=[2.0],
                     help="rep-token guidance weights (the paper's: 2); every pair with --cfg is run")
+    ap.add_argument("--samplers", nargs="+", default=[""],
+                    help="further GenOptions fields, KEY=VALUE[,KEY=VALUE] per setting (\"\" = the defaults), each run "
+                         "at every weight pair: steps, solver, shift, rep_temperature, rep_top_k")
+    ap.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA's")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="", help="also append the rows to this JSON-lines file (the command first)")
     args = ap.parse_args()
     if args.out:
         with open(args.out, "a") as f:
             f.write("# .venv/bin/python " + " ".join(shlex.quote(a) for a in sys.argv) + "\n")
+    samplers = [sampler(spec) for spec in args.samplers]
     for run in args.runs:
-        eng = load(run)
-        for w, r in itertools.product(args.cfg, args.rep_cfg):
+        eng = load(run, ema=not args.raw)
+        for w, r, extra in itertools.product(args.cfg, args.rep_cfg, samplers):
             t0 = time.time()
             with tempfile.TemporaryDirectory() as tmp:
-                images = write_shapeseval(eng, tmp, args.n, GenOptions(cfg=w, rep_cfg=r), args.seed,
+                images = write_shapeseval(eng, tmp, args.n, GenOptions(cfg=w, rep_cfg=r, **extra), args.seed,
                                           args.per_category, progress=False)
             scores = shapeseval.score_images(images, args.per_category).scores
-            row = json.dumps({"run": run, "variant": eng.cfg.variant, "cfg": w, "rep_cfg": r, "images": len(images),
+            row = json.dumps({"run": run, "variant": eng.cfg.variant, "cfg": w, "rep_cfg": r, **extra,
+                              **({"weights": "raw"} if args.raw else {}), "images": len(images),
                               "digest": digest(images), **{k: round(v, 4) for k, v in scores.items()},
                               "wall_s": round(time.time() - t0, 1)})
             print(row, flush=True)

@@ -20,6 +20,8 @@ OUT=docs/results/bench
 mkdir -p "$OUT"
 declare -A CMD=(
   [train_throughput]="$PY benchmarks/train_throughput.py --preset shapes --steps 10 --warmup 2"
+  [train_pack]="$PY benchmarks/train_throughput.py --preset shapes --variants pixel_rf --pack 0 320 --steps 12 --warmup 2 --precision fp32"
+  [train_pack_bf16]="$PY benchmarks/train_throughput.py --preset shapes --variants pixel_rf --pack 0 320 --steps 12 --warmup 2 --precision bf16"
   [sampling]="$PY benchmarks/sampling.py --batches 1 64 --prompt-repeat 1 8"
   [peer_transfusion]="$PY benchmarks/peer_transfusion.py --steps 10 --rounds 3"
   [scaling]="$PY benchmarks/scaling.py"

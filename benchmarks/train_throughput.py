@@ -3,6 +3,7 @@ peak measured in the same process. Prints one JSON object per line.
 
     .venv/bin/python benchmarks/train_throughput.py --preset shapes --steps 30
     .venv/bin/python benchmarks/train_throughput.py --variants pixel_rf dense --steps 30
+    .venv/bin/python benchmarks/train_throughput.py --variants pixel_rf --pack 0 320 --steps 20   # packed rows
 
 `dense` is the reference: the same backbone width and depth as a plain decoder (one FFN,
 no encoder, no images) on text-only sequences of the same length, i.e. what a plain
@@ -24,6 +25,7 @@ from repforce import config as C
 from repforce.data import WorldStream as ShapesStream
 from repforce.data import build_world_tokenizer
 from repforce.model import RFModel
+from repforce.packing import pack_batch
 from repforce.presets import preset
 from repforce.runtime import autocast
 from repforce.sequence import GEN, REP, Layout
@@ -72,7 +74,8 @@ def model_flops(model: RFModel, batch: dict) -> float:
     return float(total)
 
 
-def bench(cfg: C.Config, tok, steps: int, warmup: int, dense: bool = False) -> dict:
+def bench(cfg: C.Config, tok, steps: int, warmup: int, dense: bool = False, pack: int = 0) -> dict:
+    """pack > 0: each batch packed into rows of `pack` positions (train.tokens_per_rank), the same samples."""
     torch.manual_seed(0)
     if dense:  # plain decoder reference: text-only sequences of the same padded length
         cfg = replace(cfg, model=replace(cfg.model, variant="vlm"))
@@ -80,6 +83,8 @@ def bench(cfg: C.Config, tok, steps: int, warmup: int, dense: bool = False) -> d
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=1e-4, betas=(0.9, 0.95))
     stream = ShapesStream(cfg.data, tok, Layout.for_model(cfg.model))
     batches = [stream.batch(s, cfg.train.batch_size) for s in range(warmup + steps)]
+    if pack:
+        batches = [pack_batch(b, cfg.model, pack) for b in batches]
     if dense:
         for b in batches:
             b["kind"] = torch.where(b["kind"] == 0, 0, 1)
@@ -133,6 +138,8 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--precision", default="fp32")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--pack", type=int, nargs="+", default=[0], help="rows of this many positions (0 = one padded row "
+                   "per sample); each value is run for each variant but dense")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -144,11 +151,12 @@ def main():
     for v in args.variants:
         cfg = preset(args.preset, "pixel" if v == "dense" else v)
         cfg = C.override(cfg, [f"train.precision={args.precision}", f"model.vocab_size={len(tok)}"])
-        r = bench(cfg, tok, args.steps, args.warmup, dense=(v == "dense"))
-        peak = peak_bf16 if args.precision == "bf16" else peak_fp32
-        r.update(what="train_throughput", preset=args.preset, variant=v, precision=args.precision,
-                 mfu=r["flops_per_s"] / peak)
-        print(json.dumps(r), flush=True)
+        for pack in [0] if v == "dense" else args.pack:
+            r = bench(cfg, tok, args.steps, args.warmup, dense=(v == "dense"), pack=pack)
+            peak = peak_bf16 if args.precision == "bf16" else peak_fp32
+            r.update(what="train_throughput", preset=args.preset, variant=v, precision=args.precision, pack=pack,
+                     mfu=r["flops_per_s"] / peak)
+            print(json.dumps(r), flush=True)
 
 
 if __name__ == "__main__":

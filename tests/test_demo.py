@@ -23,3 +23,20 @@ def test_demo_writes_a_report(tmp_path):
     assert "without guidance (weights 1, in shapeseval_unguided/) overall" in html
     with pytest.raises(RunError, match="already exists"):
         demo(out, minutes=0.1, preset="tiny", progress=False)
+
+
+def test_demo_packs_the_shapes_world_into_rows_that_hold_its_longest_samples():
+    """The shapes demo packs samples into rows of PACK["shapes"] positions; a sample longer than a row would stop
+    the run (packing.pack_batch), so the rows must hold the longest the stream draws, with room to spare."""
+    from repforce import checkpoint, data
+    from repforce.config import validate
+    from repforce.presets import preset
+    from repforce.sequence import PAD, Layout
+    from repforce.study.demo import PACK
+    from repforce.tokenizer import load_tokenizer
+
+    cfg = validate(preset("shapes", "pixel_rf"))
+    stream = data.make_stream(cfg, load_tokenizer(checkpoint.resolve("shapes_vlm") / "tokenizer"),
+                              Layout.for_model(cfg.model))
+    longest = max(int((stream.batch(step, 32)["kind"] != PAD).sum(1).max()) for step in range(0, 4000, 200))
+    assert 100 < longest <= PACK["shapes"] // 1.5

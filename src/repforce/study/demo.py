@@ -42,6 +42,12 @@ SPLIT_SHIPPED = {"pixel_rf": 0.83}  # the same when stage 1 is shipped
 UNGUIDED = GenOptions(cfg=1.0, rep_cfg=1.0)
 STAGE1 = {"shapes": "shapes_vlm"}  # preset -> its shipped stage-1 model (checkpoint.shipped())
 SHOWCASE = {"shapes": "shapes"}  # preset -> the shipped converged model whose gallery stands beside the demo's
+# preset -> train.tokens_per_rank of the demo's stages: samples packed into rows of this many positions instead of
+# one row per sample padded to the batch's longest. The same losses and updates (each sample attends to itself
+# only); on the shapes world a third of a padded batch is padding, and a pixel_rf step at 320 takes 0.8x the time in
+# bf16 and 0.95-1.0x in fp32 (2-core AVX512-BF16 host; `bash benchmarks/run_all.sh train_pack train_pack_bf16`,
+# docs/results/findings.md, "The demo's pixel stage, seventh session"). Its longest sample is 161 positions.
+PACK = {"shapes": 320}
 
 
 def demo(out: str | Path = "runs/demo", minutes: float = 10.0, preset: str = "shapes", seed: int = 0,
@@ -63,7 +69,7 @@ def demo(out: str | Path = "runs/demo", minutes: float = 10.0, preset: str = "sh
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
     common = ["optim.schedule=constant", "train.steps=1000000", "train.ckpt_every=1000000", f"train.seed={seed}",
-              f"data.seed={seed}", *overrides]
+              f"data.seed={seed}", *([f"train.tokens_per_rank={PACK[preset]}"] if preset in PACK else []), *overrides]
     walls, configs, runs = {}, {}, {}
     if stage1 == "train":
         vlm_cfg = validate(override(make_preset(preset, "vlm"), common))
