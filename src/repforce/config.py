@@ -111,6 +111,8 @@ class ModelConfig:
                   f"must equal the tower's patch_size={patch}")
         check(self.moe_experts == 0 or 0 < self.moe_top_k <= self.moe_experts, "moe_top_k",
               f"must be in [1, moe_experts={self.moe_experts}] for a MoE backbone")
+        for field in ("n_kv_heads", "enc_heads", "enc_patch", "gen_patch", "rep_pool"):  # divisors below
+            check(getattr(self, field) > 0, field, "must be > 0")
         check(self.n_heads % self.n_kv_heads == 0, "n_heads", f"must be a multiple of n_kv_heads={self.n_kv_heads}")
         check(self.head_dim % 2 == 0, "head_dim", "must be even (RoPE)")
         check(self.image_size % self.enc_patch == 0, "image_size", f"not divisible by enc_patch={self.enc_patch}")
