@@ -239,7 +239,7 @@ def test_rep_embed_from_the_connector_is_the_mean_understanding_input_of_each_co
     against a loop; a code no cell chose keeps its row; and the option refuses a codebook not fitted to data."""
     from repforce.model import RFModel
     from repforce.quantizer import pool2x2
-    from repforce.train import embed_codes, fit_quantizer
+    from repforce.codebook import embed_codes, fit_quantizer
 
     cfg = C.validate(tiny_run("pixel_rf", "model.rep_init=kmeans", "model.rep_embed_init=connector",
                               "model.rep_balance=none", "model.codebook_size=8"))

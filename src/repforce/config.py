@@ -81,7 +81,7 @@ class ModelConfig:
     rep_init: str = "random"  # prototypes: "random" unit vectors or "data" (features of the first batch)
     rep_embed_init: str = "normal"  # rep id input table: "normal" (std 0.02, a new parameter), or "connector": with
     # rep_init="kmeans", row k = the mean of what the understanding path (encoder, connector) gives the backbone for the
-    # cells of code k in the fit's images, so a rep token means to the stage-1 backbone what it saw (train.fit_quantizer)
+    # cells of code k in the fit's images, so a rep token means to the stage-1 backbone what it saw (codebook.fit_quantizer)
     rep_balance_stats: str = "batch"  # column sums of balancing: "batch" (as printed) or "running" (quantizer.py)
     rep_dead_after: int = 100  # updates without assignment before a prototype is re-seeded; 0 = never
     rep_center: bool = True  # subtract a running mean of the target features before cosines (quantizer.FeatureCenter)

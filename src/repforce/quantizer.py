@@ -33,7 +33,7 @@ shapes world only ~20 of 256 of them ever win an argmax, and re-seeding dead one
 features makes the ids churn (docs/RESULTS.md, "The quantizer on the shapes world").
 
 "kmeans": before the first step the trainer fits the prototypes by spherical k-means to the
-features of a few thousand training images (`fit`, train.fit_quantizer). With a frozen encoder,
+features of a few thousand training images (`fit`, codebook.fit_quantizer). With a frozen encoder,
 momentum 1 and no balancing (recipe shapes-v3) the ids are then a fixed function of the image
 from the first step: measured on the shapes world, the online quantizer of shapes-v2 spreads the
 identical empty cells of a held-out set over 153 ids (6.1 bits), so that half of what the rep stage
