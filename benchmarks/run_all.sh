@@ -22,6 +22,8 @@ declare -A CMD=(
   [train_throughput]="$PY benchmarks/train_throughput.py --preset shapes --steps 10 --warmup 2"
   [train_pack]="$PY benchmarks/train_throughput.py --preset shapes --variants pixel_rf --pack 0 320 --steps 12 --warmup 2 --precision fp32"
   [train_pack_bf16]="$PY benchmarks/train_throughput.py --preset shapes --variants pixel_rf --pack 0 320 --steps 12 --warmup 2 --precision bf16"
+  [train_gen_only]="$PY benchmarks/train_throughput.py --preset shapes --variants pixel_rf --pack 320 --steps 12 --warmup 2 --precision bf16 --arms joint= gen_only=train.train_only=generation,data.gen_fraction=1.0"
+  [train_gen_only_fp32]="$PY benchmarks/train_throughput.py --preset shapes --variants pixel_rf --pack 320 --steps 12 --warmup 2 --precision fp32 --arms joint= gen_only=train.train_only=generation,data.gen_fraction=1.0"
   [sampling]="$PY benchmarks/sampling.py --batches 1 64 --prompt-repeat 1 8"
   [peer_transfusion]="$PY benchmarks/peer_transfusion.py --steps 10 --rounds 3"
   [scaling]="$PY benchmarks/scaling.py"

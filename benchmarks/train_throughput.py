@@ -4,6 +4,8 @@ peak measured in the same process. Prints one JSON object per line.
     .venv/bin/python benchmarks/train_throughput.py --preset shapes --steps 30
     .venv/bin/python benchmarks/train_throughput.py --variants pixel_rf dense --steps 30
     .venv/bin/python benchmarks/train_throughput.py --variants pixel_rf --pack 0 320 --steps 20   # packed rows
+    .venv/bin/python benchmarks/train_throughput.py --variants pixel_rf --pack 320 --arms joint= \
+        gen_only=train.train_only=generation,data.gen_fraction=1.0             # the demo's pixel stage from a stage 1
 
 `dense` is the reference: the same backbone width and depth as a plain decoder (one FFN,
 no encoder, no images) on text-only sequences of the same length, i.e. what a plain
@@ -29,7 +31,7 @@ from repforce.packing import pack_batch
 from repforce.presets import preset
 from repforce.runtime import autocast
 from repforce.sequence import GEN, REP, Layout
-from repforce.train import param_groups
+from repforce.train import param_groups, set_trainable
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 1024, reps: int = 20) -> float:
@@ -80,6 +82,7 @@ def bench(cfg: C.Config, tok, steps: int, warmup: int, dense: bool = False, pack
     if dense:  # plain decoder reference: text-only sequences of the same padded length
         cfg = replace(cfg, model=replace(cfg.model, variant="vlm"))
     model = RFModel(cfg.model)
+    set_trainable(model, cfg.train)  # train.train_only / train.freeze of --set
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=1e-4, betas=(0.9, 0.95))
     stream = ShapesStream(cfg.data, tok, Layout.for_model(cfg.model))
     batches = [stream.batch(s, cfg.train.batch_size) for s in range(warmup + steps)]
@@ -138,6 +141,9 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--precision", default="fp32")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--arms", nargs="+", default=["preset="], metavar="LABEL=KEY=VAL,...", help="settings, each run "
+                   "for each variant and pack: a label, then comma-separated config overrides (none: the preset), "
+                   "e.g. gen_only=train.train_only=generation,data.gen_fraction=1.0 (the demo's pixel stage)")
     p.add_argument("--pack", type=int, nargs="+", default=[0], help="rows of this many positions (0 = one padded row "
                    "per sample); each value is run for each variant but dense")
     args = p.parse_args()
@@ -148,15 +154,19 @@ def main():
                       "threads": torch.get_num_threads()}))
     with tempfile.TemporaryDirectory() as d:
         tok = build_world_tokenizer(d)
-    for v in args.variants:
-        cfg = preset(args.preset, "pixel" if v == "dense" else v)
-        cfg = C.override(cfg, [f"train.precision={args.precision}", f"model.vocab_size={len(tok)}"])
-        for pack in [0] if v == "dense" else args.pack:
-            r = bench(cfg, tok, args.steps, args.warmup, dense=(v == "dense"), pack=pack)
-            peak = peak_bf16 if args.precision == "bf16" else peak_fp32
-            r.update(what="train_throughput", preset=args.preset, variant=v, precision=args.precision, pack=pack,
-                     mfu=r["flops_per_s"] / peak)
-            print(json.dumps(r), flush=True)
+    for arm in args.arms:
+        label, _, sets = arm.partition("=")
+        sets = [x for x in sets.split(",") if x]
+        for v in args.variants:
+            cfg = preset(args.preset, "pixel" if v == "dense" else v)
+            cfg = C.override(cfg, [f"train.precision={args.precision}", f"model.vocab_size={len(tok)}", *sets])
+            for pack in [0] if v == "dense" else args.pack:
+                r = bench(cfg, tok, args.steps, args.warmup, dense=(v == "dense"), pack=pack)
+                peak = peak_bf16 if args.precision == "bf16" else peak_fp32
+                # mfu counts a full backward, also through frozen weights (train.train_only): compare step_s there
+                r.update(what="train_throughput", preset=args.preset, variant=v, precision=args.precision, pack=pack,
+                         mfu=r["flops_per_s"] / peak, arm=label, set=sets)
+                print(json.dumps(r), flush=True)
 
 
 if __name__ == "__main__":

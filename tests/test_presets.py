@@ -100,6 +100,21 @@ def test_three_stages_chain_on_cpu(tmp_path):
     enc = [k for k in state2["model"] if k.startswith("encoder.")]
     assert enc and all(torch.equal(state2["model"][k], state["ema"][k]) for k in enc)  # train.freeze held it
 
+    # train_only=generation (the demo's pixel stage): every weight the understanding path reads stays as loaded,
+    # in the model and its EMA, and the generation experts move from their copies of expert 0
+    from repforce.train import is_gen_param
+    sg = C.override(preset("tiny", "pixel_rf"), base + ["train.steps=2", f"train.init={tmp_path / 's1'}",
+                                                        "train.train_only=generation", "data.gen_fraction=1.0"])
+    train(sg, tmp_path / "sg", progress=False)
+    state_g, _ = checkpoint.read(tmp_path / "sg")
+    shared = [k for k in state["ema"] if k in state_g["model"] and not is_gen_param(k)]
+    assert any(".self_attn." in k for k in shared) and any(".experts.0." in k for k in shared)
+    for key in ("model", "ema"):
+        assert all(torch.equal(state_g[key][k], state["ema"][k]) for k in shared), key
+    gen = [k for k in state_g["model"] if ".experts.2." in k]
+    assert gen and any(not torch.equal(state_g["model"][k], state["ema"][k.replace(".experts.2.", ".experts.0.")])
+                       for k in gen)
+
     s3 = C.override(preset("tiny", "pixel_rf"), base + [
         "train.steps=2", f"train.init={tmp_path / 's2'}", "model.image_size=64", "model.gen_size=64",
         "data.canvas=64", "optim.lr=1e-4"])

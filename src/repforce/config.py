@@ -265,7 +265,10 @@ class TrainConfig:
     meta_init: bool = False  # build on the meta device, shard, then initialize (models no rank can hold whole)
     act_ckpt: bool = False  # recompute each transformer block's activations in the backward pass
     compile: bool = False  # torch.compile each transformer block
-    train_only: str = ""  # comma-separated parameter-name prefixes to train, the rest frozen ("" = all)
+    train_only: str = ""  # comma-separated parameter-name prefixes to train, the rest frozen ("" = all), or
+    # "generation": only the parameters generation alone uses (train.is_gen_param: gen/rep modules, MoT experts 1 and
+    # 2), so every weight the understanding path reads (shared attention and norms, expert 0, embeddings, lm_head,
+    # connector, encoder) stays as loaded and the model answers exactly as its stage 1 did
     freeze: str = ""  # comma-separated parameter-name prefixes kept frozen (after train_only), e.g. "encoder."
     max_bad_steps: int = 20  # a step with a non-finite loss or gradient is skipped (no update, EMA untouched);
     # this many in a row stop the run with an error, the last checkpoint kept (1 = stop at the first)

@@ -87,6 +87,23 @@ def is_gen_param(name: str) -> bool:
     return name.startswith(GEN_MODULES) or ".mlp.experts.1." in name or ".mlp.experts.2." in name
 
 
+def set_trainable(model: torch.nn.Module, t) -> None:
+    """requires_grad per train.train_only (name prefixes, or "generation": is_gen_param, so the understanding
+    path stays as loaded) and then train.freeze (name prefixes)."""
+    if t.train_only == "generation":
+        for name, p in model.named_parameters():
+            p.requires_grad_(is_gen_param(name))
+    elif t.train_only:
+        keep = tuple(p.strip() for p in t.train_only.split(",") if p.strip())
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith(keep))
+    if t.freeze:
+        frozen = tuple(p.strip() for p in t.freeze.split(",") if p.strip())
+        for name, p in model.named_parameters():
+            if name.startswith(frozen):
+                p.requires_grad_(False)
+
+
 def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
     """AdamW groups: decay on matrices of linear layers only; gen parameters at gen_lr_mult."""
     groups: dict[tuple[bool, bool], list] = {}
@@ -168,8 +185,8 @@ def build_model(cfg: Config, device: torch.device, init_fn=None, fresh: bool = T
     shard by shard: no rank ever holds all of it. Then pretrained weights (train.llm,
     train.vision; only for a fresh run without init_fn) or init_fn (a previous stage) are
     copied in, shard by shard too, and the EMA starts equal to the result.
-    train.train_only freezes every parameter outside its name prefixes (stage 1), train.freeze
-    those inside its own."""
+    train.train_only freezes every parameter outside its name prefixes (stage 1), or outside
+    is_gen_param when it is "generation"; train.freeze those inside its own."""
     t = cfg.train
     sharded = runtime.world_size() > 1
     if t.meta_init:
@@ -180,15 +197,7 @@ def build_model(cfg: Config, device: torch.device, init_fn=None, fresh: bool = T
         model = RFModel(cfg.model)
         ema = copy.deepcopy(model)
     ema.requires_grad_(False)
-    if t.train_only:
-        keep = tuple(p.strip() for p in t.train_only.split(",") if p.strip())
-        for name, p in model.named_parameters():
-            p.requires_grad_(name.startswith(keep))
-    if t.freeze:
-        frozen = tuple(p.strip() for p in t.freeze.split(",") if p.strip())
-        for name, p in model.named_parameters():
-            if name.startswith(frozen):
-                p.requires_grad_(False)
+    set_trainable(model, t)
     if sharded or t.act_ckpt or t.compile:
         mixed = device.type == "cuda" and t.precision != "fp32"
         parallelize(model, device, mixed, t.act_ckpt, t.compile, shard=sharded)
