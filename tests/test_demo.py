@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from repforce.study.demo import demo
 from repforce.train import RunError
@@ -24,26 +23,6 @@ def test_demo_writes_a_report(tmp_path):
     assert "without guidance (weights 1, in shapeseval_unguided/) overall" in html
     with pytest.raises(RunError, match="already exists"):
         demo(out, minutes=0.1, preset="tiny", progress=False)
-    run_config = json.loads((out / "pixel_rf" / "config.json").read_text())
-    assert run_config["train"]["train_only"] == "" and run_config["data"]["gen_fraction"] < 1  # trained jointly
-
-    # from a finished stage 1 (here the vlm the first demo trained) the pixel stage trains generation parameters
-    # only, on generation samples, and the understanding weights come out as they went in
-    from repforce import checkpoint
-    from repforce.study.demo import FROM_STAGE1
-    from repforce.train import is_gen_param
-
-    out2 = tmp_path / "demo2"
-    s2 = demo(out2, minutes=0.1, preset="tiny", per_category=1, vqa_n=10, progress=False, stage1=str(out / "vlm"))
-    assert s2["stage1"] == str(out / "vlm") and s2["steps"]["pixel_rf"] > 0
-    run_config = json.loads((out2 / "pixel_rf" / "config.json").read_text())
-    assert run_config["train"]["train_only"] == "generation" and run_config["data"]["gen_fraction"] == 1.0
-    assert f"model.t_mean={run_config['model']['t_mean']}" in FROM_STAGE1
-    vlm, _ = checkpoint.read(out / "vlm")
-    rf, _ = checkpoint.read(out2 / "pixel_rf")
-    shared = [k for k in vlm["ema"] if k in rf["ema"] and not is_gen_param(k)]
-    assert shared and all(torch.equal(rf["ema"][k], vlm["ema"][k]) for k in shared)
-    assert "training only its generation parameters" in (out2 / "report.html").read_text()
 
 
 def test_demo_packs_the_shapes_world_into_rows_that_hold_its_longest_samples():

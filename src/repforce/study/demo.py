@@ -5,8 +5,7 @@
 Protocol of docs/DESIGN.md: a `vlm` stage (understanding only), then `pixel_rf` from it, on a
 fresh machine with nothing downloaded. On the shapes preset the vlm stage is the shipped one
 (`shapes_vlm`: the shipped world encoder and a backbone trained on it), as the paper's stage 2
-starts from pretrained DINOv3 and Qwen3, so the whole budget goes to generation (FROM_STAGE1: the pixel
-stage then trains only the parameters generation alone uses, and the stage 1 answers unchanged); --stage1 train
+starts from pretrained DINOv3 and Qwen3, so the whole budget goes to generation; --stage1 train
 trains it inside the budget instead (the other presets always do). Training stops on wall time (constant
 learning rate after warmup, EMA with warmup, so any stopping point is a usable model).
 Then the EMA model draws a ShapesEval subset (the first `per_category` prompts of each
@@ -49,13 +48,6 @@ SHOWCASE = {"shapes": "shapes"}  # preset -> the shipped converged model whose g
 # bf16 and 0.95-1.0x in fp32 (2-core AVX512-BF16 host; `bash benchmarks/run_all.sh train_pack train_pack_bf16`,
 # docs/results/findings.md, "The demo's pixel stage, seventh session"). Its longest sample is 161 positions.
 PACK = {"shapes": 320}
-# The pixel stage from a finished (shipped or given) stage 1: it trains only what generation alone uses (the gen and
-# rep modules, MoT experts 1 and 2: train.train_only=generation) on generation samples only, so the understanding
-# path stays exactly the stage 1's and the minutes go to drawing: a step is about 0.65x as costly (no weight
-# gradients of the shared attention and expert 0, no long conversations) and holds 32 images instead of 26; a short
-# warmup; and train-time t centred nearer the clean end (logit-normal 1, 1), where a short run's edges settle.
-# Measured at 600 steps in docs/results/findings.md, "The demo's pixel stage, eighth session".
-FROM_STAGE1 = ["train.train_only=generation", "data.gen_fraction=1.0", "optim.warmup=50", "model.t_mean=1.0"]
 
 
 def demo(out: str | Path = "runs/demo", minutes: float = 10.0, preset: str = "shapes", seed: int = 0,
@@ -76,9 +68,8 @@ def demo(out: str | Path = "runs/demo", minutes: float = 10.0, preset: str = "sh
         raise RunError(f"--minutes={minutes}: must be > 0")
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    base = ["optim.schedule=constant", "train.steps=1000000", "train.ckpt_every=1000000", f"train.seed={seed}",
-            f"data.seed={seed}", *([f"train.tokens_per_rank={PACK[preset]}"] if preset in PACK else [])]
-    common = base + list(overrides)  # the user's --set last, so they win
+    common = ["optim.schedule=constant", "train.steps=1000000", "train.ckpt_every=1000000", f"train.seed={seed}",
+              f"data.seed={seed}", *([f"train.tokens_per_rank={PACK[preset]}"] if preset in PACK else []), *overrides]
     walls, configs, runs = {}, {}, {}
     if stage1 == "train":
         vlm_cfg = validate(override(make_preset(preset, "vlm"), common))
@@ -87,8 +78,7 @@ def demo(out: str | Path = "runs/demo", minutes: float = 10.0, preset: str = "sh
         until = SPLIT["vlm"] + SPLIT["pixel_rf"]
     else:
         s, init, until = {"step": 0}, checkpoint.resolve(stage1), SPLIT_SHIPPED["pixel_rf"]
-    own = [] if stage1 == "train" else FROM_STAGE1  # a vlm stage trained in the budget keeps learning jointly
-    rf_cfg = validate(override(make_preset(preset, "pixel_rf"), base + own + list(overrides) + [f"train.init={init}"]))
+    rf_cfg = validate(override(make_preset(preset, "pixel_rf"), common + [f"train.init={init}"]))
     left = max(minutes * until - (time.time() - t0) / 60, minutes * 0.05)  # pixel_rf ends at `until` of the budget
     s_rf = train(rf_cfg, out / "pixel_rf", progress=progress, minutes=left)
     walls["pixel_rf"], configs["pixel_rf"], runs["pixel_rf"] = s_rf["wall_s"], rf_cfg.to_json(), out / "pixel_rf"
@@ -115,9 +105,7 @@ def demo(out: str | Path = "runs/demo", minutes: float = 10.0, preset: str = "sh
 
     command = "repforce " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith("repforce") else \
         f"repforce demo --minutes {minutes} --out {out}"
-    first = f"a {s['step']}-step vlm stage" if stage1 == "train" else \
-        f"the stage 1 `{stage1}`, training only its generation parameters on generation samples (its understanding " \
-        "weights held, so it answers as its stage 1 does)"
+    first = f"a {s['step']}-step vlm stage" if stage1 == "train" else f"the shipped stage 1 `{stage1}`"
     notes = [f"pixel_rf trained {s_rf['step']} steps from {first}; wall time: "
              + ", ".join(f"{k} {v:.0f}s" for k, v in walls.items()) + ".",
              f"ShapesEval subset: first {per_category} prompts per category x {n} images, judged exactly, at the "
