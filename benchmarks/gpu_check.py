@@ -130,7 +130,7 @@ def timed_steps(model, ema, cfg, batches, warmup: int, steps: int, precision: st
     """warmup then `steps` timed training steps over batches (cycled, already on dev): seconds and losses."""
     import torch
 
-    from repforce.train import param_groups
+    from repforce.trainable import param_groups
 
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=cfg.optim.betas)
     model.train()

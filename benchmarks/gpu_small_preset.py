@@ -37,7 +37,7 @@ from repforce import train as T
 from repforce.data import build_world_tokenizer
 from repforce.presets import preset
 from repforce.sequence import GEN, REP, Layout, Sample, collate_samples
-from repforce.train import param_groups
+from repforce.trainable import param_groups
 
 from gpu_check import train_step  # benchmarks/ (this script's folder): the trainer's step, written once
 

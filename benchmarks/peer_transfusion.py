@@ -32,7 +32,7 @@ from repforce.model import RFModel
 from repforce.presets import preset
 from repforce.runtime import autocast
 from repforce.sequence import GEN, Layout
-from repforce.train import param_groups
+from repforce.trainable import param_groups
 
 
 def repforce_step(model, opt, batch, precision):

@@ -36,7 +36,7 @@ from repforce.model import RFModel  # noqa: E402
 from repforce.runtime import autocast  # noqa: E402
 from repforce.sequence import Layout  # noqa: E402
 from repforce.study.ablation import BUDGETS  # noqa: E402
-from repforce.train import param_groups  # noqa: E402
+from repforce.trainable import param_groups  # noqa: E402
 
 # model sizes beyond the presets: the shapes preset widened and deepened
 MODELS = {

@@ -31,7 +31,7 @@ from repforce.packing import pack_batch
 from repforce.presets import preset
 from repforce.runtime import autocast
 from repforce.sequence import GEN, REP, Layout
-from repforce.train import param_groups, set_trainable
+from repforce.trainable import param_groups, set_trainable
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 1024, reps: int = 20) -> float:

@@ -22,7 +22,7 @@ LAYERS = [
     ["backbone", "encoder", "packing"],  # the networks; packed rows
     ["config", "pretrained", "vae"],
     ["model", "checkpoint", "parallelize", "datasources", "worlds.*"],
-    ["presets", "engine", "data", "codebook"],  # codebook: the rep ids fitted before step 0
+    ["presets", "engine", "data", "codebook", "trainable"],  # codebook: rep ids fitted before step 0; trainable: what trains
     ["train", "service", "exports", "lmms"],  # exports, lmms: benchmark formats over the engine
     ["study.*"],
     ["webapp"],

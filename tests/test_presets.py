@@ -7,6 +7,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 from repforce import config as C
 from repforce import presets
 from repforce.presets import preset
@@ -102,7 +104,7 @@ def test_three_stages_chain_on_cpu(tmp_path):
 
     # train_only=generation (the demo's pixel stage): every weight the understanding path reads stays as loaded,
     # in the model and its EMA, and the generation experts move from their copies of expert 0
-    from repforce.train import is_gen_param
+    from repforce.trainable import is_gen_param
     sg = C.override(preset("tiny", "pixel_rf"), base + ["train.steps=2", f"train.init={tmp_path / 's1'}",
                                                         "train.train_only=generation", "data.gen_fraction=1.0"])
     train(sg, tmp_path / "sg", progress=False)
@@ -111,6 +113,8 @@ def test_three_stages_chain_on_cpu(tmp_path):
     assert any(".self_attn." in k for k in shared) and any(".experts.0." in k for k in shared)
     for key in ("model", "ema"):
         assert all(torch.equal(state_g[key][k], state["ema"][k]) for k in shared), key
+    with pytest.raises(C.ConfigError, match="train.train_only='generation'"):  # a vlm has nothing to train so
+        C.validate(C.override(preset("tiny", "vlm"), ["train.train_only=generation"]))
     gen = [k for k in state_g["model"] if ".experts.2." in k]
     assert gen and any(not torch.equal(state_g["model"][k], state["ema"][k.replace(".experts.2.", ".experts.0.")])
                        for k in gen)

@@ -266,7 +266,7 @@ class TrainConfig:
     act_ckpt: bool = False  # recompute each transformer block's activations in the backward pass
     compile: bool = False  # torch.compile each transformer block
     train_only: str = ""  # comma-separated parameter-name prefixes to train, the rest frozen ("" = all), or
-    # "generation": only the parameters generation alone uses (train.is_gen_param: gen/rep modules, MoT experts 1 and
+    # "generation": only the parameters generation alone uses (trainable.is_gen_param: gen/rep modules, MoT experts 1 and
     # 2), so every weight the understanding path reads (shared attention and norms, expert 0, embeddings, lm_head,
     # connector, encoder) stays as loaded and the model answers exactly as its stage 1 did
     freeze: str = ""  # comma-separated parameter-name prefixes kept frozen (after train_only), e.g. "encoder."
@@ -333,6 +333,8 @@ def validate(cfg: Config) -> Config:
     need(0 <= t.ema < 1, "train.ema", t.ema, "must be in [0, 1)")
     need(t.ckpt_every >= 1, "train.ckpt_every", t.ckpt_every, "must be >= 1")
     need(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
+    need(t.train_only != "generation" or m.has_gen, "train.train_only", t.train_only,
+         f"trains the generation parameters, which model.variant={m.variant!r} does not have")
     need(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     need(o.schedule in ("cosine", "constant"), "optim.schedule", o.schedule, "must be cosine or constant")
     need(o.warmup >= 0, "optim.warmup", o.warmup, "must be >= 0")

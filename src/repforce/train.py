@@ -41,10 +41,8 @@ from .model import RFModel
 from .parallelize import parallelize, shard_like
 from .sequence import Layout
 from .tokenizer import load_tokenizer
+from .trainable import param_groups, set_trainable
 from .vae import VAEEncoder, decode, encode, make_vae
-
-GEN_MODULES = ("gen_embed", "gen_pos", "t_embed", "gen_head", "rep_", "null_rep", "cont_", "repa_proj")
-
 
 class RunError(Exception):
     """A run that cannot start: printed as one line by the CLI."""
@@ -80,44 +78,6 @@ def stop_on_signals(signals=(signal.SIGTERM, signal.SIGINT)):
     finally:
         for s, h in before.items():
             signal.signal(s, h)
-
-
-def is_gen_param(name: str) -> bool:
-    """Parameters that exist for generation only: the gen/rep modules and the experts 1, 2."""
-    return name.startswith(GEN_MODULES) or ".mlp.experts.1." in name or ".mlp.experts.2." in name
-
-
-def set_trainable(model: torch.nn.Module, t) -> None:
-    """requires_grad per train.train_only (name prefixes, or "generation": is_gen_param, so the understanding
-    path stays as loaded) and then train.freeze (name prefixes)."""
-    if t.train_only == "generation":
-        for name, p in model.named_parameters():
-            p.requires_grad_(is_gen_param(name))
-    elif t.train_only:
-        keep = tuple(p.strip() for p in t.train_only.split(",") if p.strip())
-        for name, p in model.named_parameters():
-            p.requires_grad_(name.startswith(keep))
-    if t.freeze:
-        frozen = tuple(p.strip() for p in t.freeze.split(",") if p.strip())
-        for name, p in model.named_parameters():
-            if name.startswith(frozen):
-                p.requires_grad_(False)
-
-
-def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
-    """AdamW groups: decay on matrices of linear layers only; gen parameters at gen_lr_mult."""
-    groups: dict[tuple[bool, bool], list] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        decay = p.ndim == 2 and "embed" not in name and not name.endswith("_pos")
-        groups.setdefault((decay, is_gen_param(name)), []).append(p)
-    out = []
-    for (decay, gen), params in groups.items():
-        mult = cfg.optim.gen_lr_mult if gen else 1.0
-        out.append({"params": params, "weight_decay": cfg.optim.weight_decay if decay else 0.0,
-                    "lr": cfg.optim.lr * mult, "lr_mult": mult})
-    return out
 
 
 def lr_factor(step: int, cfg: Config) -> float:
