@@ -243,6 +243,8 @@ class OptimConfig:
     schedule: str = "cosine"  # "cosine" (to min_lr_frac) or "constant" after warmup
     min_lr_frac: float = 0.1  # cosine floor as a fraction of lr
     gen_lr_mult: float = 1.0  # lr multiplier of parameters new to generation (4 at scale)
+    name: str = "adamw"  # "adamw", or "muon": Muon on the backbone's hidden matrices, AdamW on the rest (trainable.MuonAdamW)
+    muon_momentum: float = 0.95  # Muon's Nesterov momentum
 
 
 @dataclass(frozen=True)
@@ -337,6 +339,8 @@ def validate(cfg: Config) -> Config:
          f"trains the generation parameters, which model.variant={m.variant!r} does not have")
     need(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     need(o.schedule in ("cosine", "constant"), "optim.schedule", o.schedule, "must be cosine or constant")
+    need(o.name in ("adamw", "muon"), "optim.name", o.name, "must be adamw or muon")
+    need(0 <= o.muon_momentum < 1, "optim.muon_momentum", o.muon_momentum, "must be in [0, 1)")
     need(o.warmup >= 0, "optim.warmup", o.warmup, "must be >= 0")
     need(d.world in ("shapes", "fashion", "mix"), "data.world", d.world,
          "must be shapes, fashion or mix (real data: mix.sources)")

@@ -41,7 +41,7 @@ from .model import RFModel
 from .parallelize import parallelize, shard_like
 from .sequence import Layout
 from .tokenizer import load_tokenizer
-from .trainable import param_groups, set_trainable
+from .trainable import make_optimizer, set_trainable
 from .vae import VAEEncoder, decode, encode, make_vae
 
 class RunError(Exception):
@@ -250,7 +250,7 @@ def _train(cfg: Config, out: Path, resume: bool, progress: bool, minutes: float 
     torch.manual_seed(t.seed)
     init = (lambda m: init_weights_from(m, t.init)) if t.init and not resume else None
     model, ema, init_report = build_model(cfg, dev, init, fresh=not resume)  # sharded when world > 1
-    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=cfg.optim.betas, fused=False)
+    opt = make_optimizer(model, cfg)
     step, spent = 0, {"wall_s": 0.0, "cpu_s": 0.0}  # time of the earlier legs of a resumed run
     try:
         state, passed_over = checkpoint.restore_newest(out, cfg.to_json()["model"], model, ema, opt,

@@ -1,8 +1,8 @@
-"""Which parameters a run trains, and at what rate: the generation-only set, train.train_only / train.freeze,
-and the AdamW groups.
+"""Which parameters a run trains, and how: the generation-only set, train.train_only / train.freeze, the
+optimizer groups, and the optimizer (optim.name: AdamW, or Muon on the backbone's hidden matrices).
 
     set_trainable(model, cfg.train)                       # requires_grad from the config
-    opt = torch.optim.AdamW(param_groups(model, cfg), ...)
+    opt = make_optimizer(model, cfg)                      # AdamW, or MuonAdamW
 """
 
 from __future__ import annotations
@@ -36,17 +36,87 @@ def set_trainable(model: torch.nn.Module, t: TrainConfig) -> None:
             p.requires_grad_(False)
 
 
+def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
+    """The backbone blocks' 2D weights (attention projections, dense FFN experts): what Muon updates. Embeddings,
+    heads, position tables, the encoder and the norms are not hidden matrices and stay with AdamW."""
+    return p.ndim == 2 and name.startswith("backbone.layers.")
+
+
 def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
-    """AdamW groups: decay on matrices of linear layers only; gen parameters at gen_lr_mult."""
-    groups: dict[tuple[bool, bool], list] = {}
+    """Optimizer groups: decay on matrices of linear layers only; gen parameters at gen_lr_mult; with
+    optim.name=muon the hidden matrices in groups of their own ("muon": True)."""
+    muon = cfg.optim.name == "muon"
+    groups: dict[tuple[bool, bool, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         decay = p.ndim == 2 and "embed" not in name and not name.endswith("_pos")
-        groups.setdefault((decay, is_gen_param(name)), []).append(p)
+        groups.setdefault((decay, is_gen_param(name), muon and is_hidden_matrix(name, p)), []).append(p)
     out = []
-    for (decay, gen), params in groups.items():
+    for (decay, gen, use_muon), params in groups.items():
         mult = cfg.optim.gen_lr_mult if gen else 1.0
         out.append({"params": params, "weight_decay": cfg.optim.weight_decay if decay else 0.0,
-                    "lr": cfg.optim.lr * mult, "lr_mult": mult})
+                    "lr": cfg.optim.lr * mult, "lr_mult": mult, "muon": use_muon})
     return out
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW over param_groups, or with optim.name=muon MuonAdamW (Muon on the hidden matrices, AdamW on the rest)."""
+    o = cfg.optim
+    if o.name == "muon":
+        return MuonAdamW(param_groups(model, cfg), lr=o.lr, betas=o.betas, momentum=o.muon_momentum)
+    return torch.optim.AdamW(param_groups(model, cfg), lr=o.lr, betas=o.betas, fused=False)
+
+
+@torch.no_grad()
+def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Muon's quintic Newton-Schulz iteration: g (m, n) -> about U V^T of its SVD, singular values near 1
+    (Jordan et al. 2024, the coefficients of torch.optim.Muon). In g's dtype (fp32 here): torch.optim.Muon runs
+    it in bf16, which CPUs without AVX512-BF16 emulate about 100x slower than fp32."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g / (g.norm() + eps)
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    for _ in range(steps):
+        m = x @ x.T
+        x = a * x + (b * m + c * m @ m) @ x
+    return x.T if tall else x
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon (Jordan et al. 2024) on the groups marked "muon", AdamW on the others, as one optimizer (one
+    state_dict, one lr schedule over param_groups). Muon's update is the orthogonalized Nesterov momentum,
+    scaled by 0.2 sqrt(max(m, n)) to the RMS of an AdamW update (Liu et al. 2025, "Muon is scalable"; torch's
+    adjust_lr_fn="match_rms_adamw"), so both kinds of group take optim.lr and optim.weight_decay as they are."""
+
+    def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], momentum: float = 0.95,
+                 eps: float = 1e-8):
+        super().__init__(groups, dict(lr=lr, betas=betas, momentum=momentum, eps=eps, weight_decay=0.0, muon=False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if group["muon"]:
+                    buf = state.setdefault("momentum_buffer", torch.zeros_like(p))
+                    buf.lerp_(p.grad, 1 - group["momentum"])
+                    update = orthogonalize(p.grad.lerp(buf, group["momentum"]).float())  # Nesterov
+                    update.mul_(0.2 * max(p.shape) ** 0.5)
+                else:
+                    if not state:
+                        state["step"] = torch.zeros((), dtype=torch.float32)
+                        state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+                    b1, b2 = group["betas"]
+                    state["step"] += 1
+                    n = float(state["step"])
+                    state["exp_avg"].lerp_(p.grad, 1 - b1)
+                    state["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                    denom = (state["exp_avg_sq"] / (1 - b2 ** n)).sqrt_().add_(group["eps"])
+                    update = state["exp_avg"] / (1 - b1 ** n) / denom
+                p.mul_(1 - lr * wd)
+                p.add_(update.to(p.dtype), alpha=-lr)
