@@ -40,3 +40,25 @@ def test_demo_packs_the_shapes_world_into_rows_that_hold_its_longest_samples():
                               Layout.for_model(cfg.model))
     longest = max(int((stream.batch(step, 32)["kind"] != PAD).sum(1).max()) for step in range(0, 4000, 200))
     assert 100 < longest and 1.5 * longest <= PACK["shapes"]
+
+
+class _Stopped(Exception):
+    pass
+
+
+@pytest.mark.parametrize("minutes,trained", [(10, 8.3), (30, 28.0)])
+def test_the_pixel_stage_gets_the_budget_less_at_most_two_minutes_of_evaluation(tmp_path, monkeypatch, minutes, trained):
+    """Evaluation takes about a minute whatever the budget: a 10-minute demo keeps 17% for it, a 30-minute one 2
+    minutes, not 5."""
+    from repforce.study import demo as demo_module
+
+    seen = {}
+
+    def fake_train(cfg, out, progress, minutes):
+        seen["minutes"] = minutes
+        raise _Stopped
+
+    monkeypatch.setattr(demo_module, "train", fake_train)
+    with pytest.raises(_Stopped):
+        demo(tmp_path / "d", minutes=minutes, preset="shapes", progress=False)
+    assert trained - 0.05 < seen["minutes"] <= trained
