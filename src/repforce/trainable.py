@@ -84,39 +84,39 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
     return x.T if tall else x
 
 
-class MuonAdamW(torch.optim.Optimizer):
-    """Muon (Jordan et al. 2024) on the groups marked "muon", AdamW on the others, as one optimizer (one
+class MuonAdamW(torch.optim.AdamW):
+    """Muon (Jordan et al. 2024) on the groups marked "muon", torch's AdamW on the others, as one optimizer (one
     state_dict, one lr schedule over param_groups). Muon's update is the orthogonalized Nesterov momentum,
     scaled by 0.2 sqrt(max(m, n)) to the RMS of an AdamW update (Liu et al. 2025, "Muon is scalable"; torch's
     adjust_lr_fn="match_rms_adamw"), so both kinds of group take optim.lr and optim.weight_decay as they are."""
 
-    def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], momentum: float = 0.95,
-                 eps: float = 1e-8):
-        super().__init__(groups, dict(lr=lr, betas=betas, momentum=momentum, eps=eps, weight_decay=0.0, muon=False))
+    def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], momentum: float = 0.95):
+        super().__init__(groups, lr=lr, betas=betas, weight_decay=0.0, fused=False)
+        for g in self.param_groups:
+            g.setdefault("muon", False)
+            g.setdefault("momentum", momentum)
 
     @torch.no_grad()
     def step(self, closure=None):
-        for group in self.param_groups:
-            lr, wd = group["lr"], group["weight_decay"]
+        groups = self.param_groups
+        try:  # AdamW's own step over its groups only
+            self.param_groups = [g for g in groups if not g["muon"]]
+            super().step()
+        finally:
+            self.param_groups = groups
+        for group in groups:
+            if not group["muon"]:
+                continue
+            lr, wd, beta = group["lr"], group["weight_decay"], group["momentum"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state[p]
-                if group["muon"]:
-                    buf = state.setdefault("momentum_buffer", torch.zeros_like(p))
-                    buf.lerp_(p.grad, 1 - group["momentum"])
-                    update = orthogonalize(p.grad.lerp(buf, group["momentum"]).float())  # Nesterov
-                    update.mul_(0.2 * max(p.shape) ** 0.5)
-                else:
-                    if not state:
-                        state["step"] = torch.zeros((), dtype=torch.float32)
-                        state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
-                    b1, b2 = group["betas"]
-                    state["step"] += 1
-                    n = float(state["step"])
-                    state["exp_avg"].lerp_(p.grad, 1 - b1)
-                    state["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-                    denom = (state["exp_avg_sq"] / (1 - b2 ** n)).sqrt_().add_(group["eps"])
-                    update = state["exp_avg"] / (1 - b1 ** n) / denom
+                if not state:  # a "step" as AdamW's state has, which its load_state_dict expects of every state
+                    state["step"], state["momentum_buffer"] = torch.zeros(()), torch.zeros_like(p)
+                state["step"] += 1
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - beta)
+                update = orthogonalize(p.grad.lerp(buf, beta).float())  # Nesterov
                 p.mul_(1 - lr * wd)
-                p.add_(update.to(p.dtype), alpha=-lr)
+                p.add_(update.to(p.dtype), alpha=-lr * 0.2 * max(p.shape) ** 0.5)

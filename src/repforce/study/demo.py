@@ -83,8 +83,8 @@ def demo(out: str | Path = "runs/demo", minutes: float = 10.0, preset: str = "sh
     else:
         s, init, until = {"step": 0}, checkpoint.resolve(stage1), SPLIT_SHIPPED["pixel_rf"]
     rf_cfg = validate(override(make_preset(preset, "pixel_rf"), common + [f"train.init={init}"]))
-    until = max(minutes * until, minutes - EVAL_RESERVE_MAX)  # pixel_rf ends here (minutes into the budget)
-    left = max(until - (time.time() - t0) / 60, minutes * 0.05)
+    end = max(minutes * until, minutes - EVAL_RESERVE_MAX)  # pixel_rf ends this many minutes into the budget
+    left = max(end - (time.time() - t0) / 60, minutes * 0.05)
     s_rf = train(rf_cfg, out / "pixel_rf", progress=progress, minutes=left)
     walls["pixel_rf"], configs["pixel_rf"], runs["pixel_rf"] = s_rf["wall_s"], rf_cfg.to_json(), out / "pixel_rf"
 
